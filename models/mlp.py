@@ -1,0 +1,56 @@
+"""Feed-forward blocks: the ELAS FFN (squared ReLU + 2:4) and the SwiGLU baseline.
+
+ELAS: `down(sparse24(relu(up(x)) ** 2))`, no gate; `sparse24` is applied only when the checkpoint
+says `activation_2by4` (and `two_by_four` can be switched off for a dense warm-up in training).
+In training the mask passes gradients straight through (as in the authors' STE).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elas_serve.kernels.relu2_sparse24 import sparse24_ref
+
+from .config import ElasConfig
+from .layers import Projection, ProjSpec
+
+
+class _Sparse24STE(torch.autograd.Function):
+    """Forward: keep 2 of every 4; backward: identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return sparse24_ref(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+class ElasMLP(nn.Module):
+    def __init__(self, config: ElasConfig, specs: dict[str, ProjSpec]):
+        super().__init__()
+        width = config.ffn_width
+        self.up_proj = Projection(config.hidden_size, width, specs["up_proj"])
+        self.down_proj = Projection(width, config.hidden_size, specs["down_proj"])
+        self.two_by_four = config.activation_2by4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.up_proj(x)).square()  # (..., F)
+        if self.two_by_four:
+            y = _Sparse24STE.apply(y) if y.requires_grad else sparse24_ref(y)
+        return self.down_proj(y)
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, config: ElasConfig, specs: dict[str, ProjSpec]):
+        super().__init__()
+        h, width = config.hidden_size, config.ffn_width
+        self.gate_proj = Projection(h, width, specs["gate_proj"])
+        self.up_proj = Projection(h, width, specs["up_proj"])
+        self.down_proj = Projection(width, h, specs["down_proj"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
