@@ -25,6 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elas-serve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train an ELAS checkpoint (see `elas-serve train --help`)")
+    sub.add_parser("data", help="fetch and tokenize a corpus (see `elas-serve data --help`)")
     gen = sub.add_parser("generate", help="complete one prompt offline and print the text")
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
@@ -68,6 +70,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("train", "data"):  # the trainer owns its own flags
+        from elas_serve.train.cli import main as train_main
+        return train_main(argv)
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate}[args.command](args)

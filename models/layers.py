@@ -46,6 +46,11 @@ class Projection(nn.Module):
     def is_low_rank(self) -> bool:
         return self.spec.rank is not None
 
+    def factors(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`(weight_in, weight_out)`, or `(None, weight)` when dense (kernels' convention)."""
+        assert self.bias is None, "kernel backends take bias-free projections"
+        return (None, self.weight) if self.spec.rank is None else (self.weight_in, self.weight_out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if self.spec.rank is None:
             return F.linear(x, self.weight, self.bias)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elas_serve.kernels.ffn import FFN_BACKENDS
+
 from .attention import Attention, AttentionMetadata
 from .config import ElasConfig
 from .layers import ProjSpec, RMSNorm, RotaryEmbedding
@@ -97,6 +99,14 @@ class ElasForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits (..., vocab) of final hidden states."""
         return F.linear(hidden, self.output_weight).float()
+
+    def set_ffn_backend(self, name: str) -> None:
+        """Route every ELAS FFN through the named backend of `kernels.ffn.FFN_BACKENDS`."""
+        if name not in FFN_BACKENDS:
+            raise ValueError(f"unknown FFN backend {name!r} (available: {', '.join(FFN_BACKENDS)})")
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, ElasMLP):
+                layer.mlp.ffn_backend = name
 
     def projection_specs(self) -> dict[str, ProjSpec]:
         return {name: self.get_submodule(name).spec for name in projection_names(self.config)}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elas_serve.kernels.ffn import FFN_BACKENDS
 from elas_serve.kernels.relu2_sparse24 import sparse24_ref
 
 from .config import ElasConfig
@@ -36,8 +37,12 @@ class ElasMLP(nn.Module):
         self.up_proj = Projection(config.hidden_size, width, specs["up_proj"])
         self.down_proj = Projection(width, config.hidden_size, specs["down_proj"])
         self.two_by_four = config.activation_2by4
+        self.ffn_backend = "dense"  # a name in FFN_BACKENDS; "dense" is the autograd-able path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ffn_backend != "dense" and not torch.is_grad_enabled():
+            backend = FFN_BACKENDS[self.ffn_backend]
+            return backend(x, self.up_proj.factors(), self.down_proj.factors(), self.two_by_four)
         y = torch.relu(self.up_proj(x)).square()  # (..., F)
         if self.two_by_four:
             y = _Sparse24STE.apply(y) if y.requires_grad else sparse24_ref(y)

@@ -1,0 +1,1 @@
+"""Continuous-batching engine: requests, paged KV blocks, scheduler, model runner, sampler."""

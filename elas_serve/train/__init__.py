@@ -1,0 +1,1 @@
+"""Bundled trainer: corpus -> tokenizer -> token shards -> ELAS checkpoint."""
