@@ -1,17 +1,44 @@
-"""Squared ReLU followed by 2:4 activation sparsity: the PyTorch reference.
+"""Squared ReLU followed by 2:4 activation sparsity: the PyTorch reference, the compressed layout,
+and the Triton kernel that fuses squared ReLU, top-2-of-4 selection and compression.
 
-Semantics (design section 3, "naive" method): `y = relu(h) ** 2`; in every group of 4 consecutive
-features keep exactly the 2 of largest magnitude, ties going to the lower index; when the width is
-not a multiple of 4, the last `width % 4` features stay dense. This file is the CPU path of the
-`dense` FFN backend and the oracle every fused kernel is tested against.
+Semantics (design section 3, "naive" method): `y = relu(h) ** 2` in the dtype of `h`; in every group
+of 4 consecutive features keep exactly the 2 of largest magnitude, ties going to the lower index;
+when the width `F` is not a multiple of 4, the last `F % 4` features stay dense. The references are
+the CPU path of the `dense` FFN backend and the oracle every kernel is tested against.
+
+Compressed layout (`Sparse24`) of `y` (T, F), with G = F // 4 groups in the 4-aligned body:
+  values (T, 2G), dtype of y:  values[t, 2g] = y[t, 4g + i0], values[t, 2g + 1] = y[t, 4g + i1],
+                               where i0 < i1 are the kept positions of group g;
+  meta   (T, ceil(G/4)) int16: nibble g % 4 of meta[t, g // 4] (bits 4(g%4)..4(g%4)+3, low nibble
+                               = lowest group) is `i0 | i1 << 2`; nibbles past group G-1 are 0
+                               (the same nibbles and word order as PyTorch's CUTLASS metadata
+                               before its tile reordering);
+  tail   (T, F % 4), dtype of y: the dense tail y[:, 4G:].
+Both values and meta are row-major with unit inner stride.
 
 NOTE: with 4 values, "rank < 2" needs only the 6 pairwise comparisons b_ij = (|v_i| >= |v_j|) for
-i < j (ties go to the lower index i); the same branch-free formula is what a kernel computes.
+i < j (ties go to the lower index i); the same branch-free formula is what the kernels compute.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import check_operands, round_to
+
+
+class Sparse24(NamedTuple):
+    values: torch.Tensor  # (T, 2G)
+    meta: torch.Tensor  # (T, ceil(G/4)) int16
+    tail: torch.Tensor  # (T, F % 4)
+
+    @property
+    def width(self) -> int:
+        return 2 * self.values.shape[1] + self.tail.shape[1]
 
 
 def sparse24_keep_mask(y: torch.Tensor) -> torch.Tensor:
@@ -43,3 +70,138 @@ def relu2_sparse24_ref(h: torch.Tensor, two_by_four: bool = True) -> torch.Tenso
     """`sparse24(relu(h) ** 2)` (or just `relu(h) ** 2`), in the dtype of `h`."""
     y = torch.relu(h).square()
     return sparse24_ref(y) if two_by_four else y
+
+
+def sparse24_compress_ref(y: torch.Tensor) -> Sparse24:
+    """Reference compression of `y` (T, F) into the `Sparse24` layout (2:4 selection included)."""
+    num_tokens, width = y.shape
+    groups = width // 4
+    body = y[:, :4 * groups].reshape(num_tokens, groups, 4)  # (T, G, 4)
+    keep = sparse24_keep_mask(body)  # (T, G, 4), exactly 2 per group
+    pos = torch.arange(4, device=y.device).expand_as(keep)
+    kept = pos[keep].view(num_tokens, groups, 2)  # (T, G, 2): i0 < i1
+    values = body.gather(-1, kept).reshape(num_tokens, 2 * groups)  # (T, 2G)
+    nibbles = kept[..., 0] | (kept[..., 1] << 2)  # (T, G)
+    nibbles = torch.nn.functional.pad(nibbles, (0, -groups % 4))  # (T, 4 * ceil(G/4))
+    shifts = torch.arange(0, 16, 4, device=y.device)
+    words = (nibbles.view(num_tokens, -1, 4) << shifts).sum(-1)  # (T, ceil(G/4)) in [0, 2^16)
+    meta = torch.where(words >= 2 ** 15, words - 2 ** 16, words).to(torch.int16)
+    return Sparse24(values, meta, y[:, 4 * groups:])
+
+
+def sparse24_decompress_ref(a: Sparse24) -> torch.Tensor:
+    """The dense (T, F) activation a `Sparse24` stands for (zeros at dropped positions)."""
+    values, meta, tail = a
+    num_tokens, groups = values.shape[0], values.shape[1] // 2
+    shifts = torch.arange(0, 16, 4, device=meta.device)
+    nibbles = ((meta.int()[..., None] >> shifts) & 0xF).flatten(1)[:, :groups]  # (T, G)
+    kept = torch.stack((nibbles & 3, nibbles >> 2), dim=-1).long()  # (T, G, 2)
+    body = values.new_zeros(num_tokens, groups, 4).scatter(-1, kept, values.view(num_tokens, groups, 2))
+    return torch.cat((body.flatten(1), tail), dim=1)
+
+
+@triton.jit
+def relu2(h, DTYPE: tl.constexpr):
+    """relu(h) ** 2 rounded to DTYPE, with h first rounded to DTYPE (as the reference sees it)."""
+    r = tl.maximum(round_to(h.to(tl.float32), DTYPE).to(tl.float32), 0.0)
+    return round_to(r * r, DTYPE)
+
+
+@triton.jit
+def top2_of_4(y0, y1, y2, y3):
+    """Keep flags of the 2 largest of 4 non-negative values, ties to the lower index."""
+    y0, y1, y2, y3 = y0.to(tl.float32), y1.to(tl.float32), y2.to(tl.float32), y3.to(tl.float32)
+    b01, b02, b03 = (y0 >= y1).to(tl.int32), (y0 >= y2).to(tl.int32), (y0 >= y3).to(tl.int32)
+    b12, b13, b23 = (y1 >= y2).to(tl.int32), (y1 >= y3).to(tl.int32), (y2 >= y3).to(tl.int32)
+    r0 = 3 - b01 - b02 - b03  # rank_j = number of entries that beat entry j
+    r1 = b01 + 2 - b12 - b13
+    r2 = b02 + b12 + 1 - b23
+    r3 = b03 + b13 + b23
+    return r0 < 2, r1 < 2, r2 < 2, r3 < 2
+
+
+@triton.jit
+def _relu2_sparse24_compress_kernel(
+        h_ptr, out_ptr, meta_ptr, tail_ptr, num_tokens, num_groups, rows_out, groups_out,
+        stride_ht, stride_hf, stride_ot, stride_mt, stride_tt,
+        PRUNED: tl.constexpr, TAIL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    # grid: (token blocks, group blocks) over (rows_out, groups_out); programs past the input
+    # write zeros (the padding of the pruned layout).
+    pid_t, pid_g = tl.program_id(0), tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    t_in = offs_t < num_tokens
+    mask = t_in[:, None] & (offs_g < num_groups)[None, :]  # (BLOCK_T, BLOCK_G)
+    h_row = h_ptr + offs_t[:, None] * stride_ht
+    col = 4 * offs_g[None, :]
+    dtype = out_ptr.dtype.element_ty
+    y0 = relu2(tl.load(h_row + (col + 0) * stride_hf, mask=mask, other=0.0), dtype)
+    y1 = relu2(tl.load(h_row + (col + 1) * stride_hf, mask=mask, other=0.0), dtype)
+    y2 = relu2(tl.load(h_row + (col + 2) * stride_hf, mask=mask, other=0.0), dtype)
+    y3 = relu2(tl.load(h_row + (col + 3) * stride_hf, mask=mask, other=0.0), dtype)
+    k0, k1, k2, k3 = top2_of_4(y0, y1, y2, y3)
+    out_row = out_ptr + offs_t[:, None] * stride_ot
+    if PRUNED:  # dense (rows_out, 4 * groups_out) with the dropped entries zeroed
+        out_mask = (offs_t < rows_out)[:, None] & (offs_g < groups_out)[None, :]
+        tl.store(out_row + col + 0, tl.where(k0, y0, 0.0), mask=out_mask)
+        tl.store(out_row + col + 1, tl.where(k1, y1, 0.0), mask=out_mask)
+        tl.store(out_row + col + 2, tl.where(k2, y2, 0.0), mask=out_mask)
+        tl.store(out_row + col + 3, tl.where(k3, y3, 0.0), mask=out_mask)
+    else:  # values (T, 2G) + int16 meta (T, ceil(G/4))
+        tl.store(out_row + 2 * offs_g[None, :], tl.where(k0, y0, tl.where(k1, y1, y2)), mask=mask)
+        tl.store(out_row + 2 * offs_g[None, :] + 1, tl.where(k3, y3, tl.where(k2, y2, y1)), mask=mask)
+        i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
+        i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
+        nibbles = tl.where(mask, i0 | (i1 << 2), 0)  # (BLOCK_T, BLOCK_G)
+        shifts = tl.arange(0, 4) * 4
+        words = tl.sum(tl.reshape(nibbles, (BLOCK_T, BLOCK_G // 4, 4)) << shifts[None, None, :], axis=2)
+        offs_w = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
+        w_mask = t_in[:, None] & (offs_w < tl.cdiv(num_groups, 4))[None, :]
+        # NOTE: words are < 2^16; the int16 cast keeps their bits (two's-complement wrap)
+        tl.store(meta_ptr + offs_t[:, None] * stride_mt + offs_w[None, :], words.to(tl.int16), mask=w_mask)
+    if TAIL > 0:
+        if pid_g == 0:  # the dense tail, written by the first column of programs
+            for j in tl.static_range(TAIL):
+                hj = tl.load(h_ptr + offs_t * stride_ht + (4 * num_groups + j) * stride_hf, mask=t_in, other=0.0)
+                tl.store(tail_ptr + offs_t * stride_tt + j, relu2(hj, dtype), mask=t_in)
+
+
+_BLOCK_T, _BLOCK_G = 16, 64
+
+
+def _launch(h: torch.Tensor, out: torch.Tensor, meta: torch.Tensor, tail: torch.Tensor,
+            rows_out: int, groups_out: int, pruned: bool) -> None:
+    num_tokens, width = h.shape
+    grid = (triton.cdiv(rows_out, _BLOCK_T), max(1, triton.cdiv(groups_out, _BLOCK_G)))
+    _relu2_sparse24_compress_kernel[grid](
+        h, out, meta, tail, num_tokens, width // 4, rows_out, groups_out,
+        h.stride(0), h.stride(1), out.stride(0), meta.stride(0), tail.stride(0),
+        PRUNED=pruned, TAIL=width % 4, BLOCK_T=_BLOCK_T, BLOCK_G=_BLOCK_G)
+
+
+def relu2_sparse24_compress(h: torch.Tensor) -> Sparse24:
+    """`sparse24_compress_ref(relu(h) ** 2)` in one pass: pre-activation h (T, F) -> `Sparse24`."""
+    check_operands(h)
+    num_tokens, width = h.shape
+    groups = width // 4
+    values = h.new_empty(num_tokens, 2 * groups)  # (T, 2G)
+    meta = torch.empty(num_tokens, triton.cdiv(groups, 4), dtype=torch.int16, device=h.device)
+    tail = h.new_empty(num_tokens, width % 4)  # (T, F % 4)
+    if num_tokens > 0:
+        _launch(h, values, meta, tail, num_tokens, groups, pruned=False)
+    return Sparse24(values, meta, tail)
+
+
+def relu2_sparse24_pruned(h: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2:4-pruned relu(h) ** 2 body, zero-padded to (rows, cols), and its dense tail (T, F % 4).
+
+    This is the dense input `torch._cslt_compress` expects (cuSPARSELt computes its own layout).
+    """
+    check_operands(h)
+    num_tokens, width = h.shape
+    assert rows >= num_tokens and cols % 4 == 0 and cols >= width - width % 4, (rows, cols, h.shape)
+    out = h.new_empty(rows, cols)  # (rows, cols)
+    tail = h.new_empty(num_tokens, width % 4)
+    if rows > 0:
+        _launch(h, out, out, tail, rows, cols // 4, pruned=True)
+    return out, tail

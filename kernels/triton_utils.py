@@ -1,0 +1,84 @@
+"""What every Triton launcher here shares: where a kernel may run, how its dots are computed, and
+how many programs it takes to fill the device.
+
+Invariants: a Triton kernel runs on CUDA tensors, or on CPU tensors under the interpreter
+(`TRITON_INTERPRET=1`, read by `triton.jit` when a kernel is defined, so it must be set before this
+package is imported); every `tl.dot` accumulates in float32 with IEEE float32 inputs (never TF32),
+so the kernels compute what the float32 PyTorch references compute.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_operands(*tensors: torch.Tensor) -> None:
+    """Same device and dtype (one of KERNEL_DTYPES), a device Triton can run on, 2-D operands."""
+    device, dtype = tensors[0].device, tensors[0].dtype
+    assert dtype in KERNEL_DTYPES, f"unsupported dtype {dtype}"
+    for t in tensors:
+        assert t.dim() == 2, f"expected a 2-D operand, got shape {tuple(t.shape)}"
+        assert t.device == device and t.dtype == dtype, (t.device, t.dtype, device, dtype)
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 on the CPU")
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Whether kernels must feed `tl.dot` float32 copies of their `dtype` operands.
+
+    NOTE: the interpreter of triton 3.9 multiplies bfloat16 dot operands as their raw uint16 bits
+    (`create_dot` in triton/runtime/interpreter.py), so under the interpreter bfloat16 operands are
+    upcast first. The products of two bfloat16 values are exact in float32, so this computes what a
+    tensor-core bf16 dot with float32 accumulation computes.
+    """
+    return interpreting() and dtype == torch.bfloat16
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits(device: torch.device, num_tiles: int, num_blocks: int) -> int:
+    """Split the reduction (blocks of BLOCK_G groups) across programs until ~2 waves fill the GPU.
+
+    `num_tiles` output tiles already run in parallel; 1 on the CPU (the interpreter gains nothing).
+    """
+    if device.type != "cuda":
+        return 1
+    want = triton.cdiv(2 * _num_sms(device.index or 0), num_tiles)
+    return max(1, min(want, num_blocks // 2, 32))
+
+
+@triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation (see `upcast_dots`)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """float32 `x` rounded to nearest-even DTYPE.
+
+    NOTE: the interpreter truncates float32 -> bfloat16 casts (round toward zero) where the GPU
+    rounds to nearest even; rounding the bits by hand first makes the cast exact on both.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
