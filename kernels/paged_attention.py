@@ -16,14 +16,15 @@ import torch.nn.functional as F
 
 def store_kvcache_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                       slot_mapping: torch.Tensor) -> None:
-    """Write new keys/values (T, Hkv, D) into `kv_cache` at `slot_mapping` (T,); -1 skips."""
+    """Write new keys/values (T, Hkv, D) into `kv_cache` at `slot_mapping` (T,).
+
+    NOTE: padding rows point at the null block (block 0), never at -1, so the write needs no
+    host-side filtering and can be captured in a CUDA graph.
+    """
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     flat = kv_cache.view(2, -1, num_kv_heads, head_dim)  # (2, num_slots, Hkv, D)
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        slot_mapping, k, v = slot_mapping[valid], k[valid], v[valid]
-    flat[0, slot_mapping] = k
-    flat[1, slot_mapping] = v
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
 
 
 def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int
@@ -50,8 +51,10 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
     decode = [i for i, n in enumerate(query_lens) if n == 1]
     if decode:
         rows = torch.tensor([starts[i] for i in decode], device=q.device)
-        out[rows] = _decode_attention(q[rows], kv_cache, block_tables[decode],
-                                      [seq_lens[i] for i in decode], scale)
+        lens = [seq_lens[i] for i in decode]
+        width = -(-max(lens) // kv_cache.shape[2])  # blocks needed by the longest sequence
+        out[rows] = decode_attention_ref(q[rows], kv_cache, block_tables[decode, :width],
+                                         torch.tensor(lens, device=q.device), scale)
     for i, (n, s) in enumerate(zip(query_lens, seq_lens)):
         if n == 1:
             continue
@@ -61,16 +64,18 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
     return out
 
 
-def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                      seq_lens: list[int], scale: float) -> torch.Tensor:
-    """One query per sequence: q (B, H, D) against up to max(seq_lens) cached tokens."""
+def decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence: q (B, H, D) against its first `seq_lens[b]` cached tokens.
+
+    Attends over the whole width of `block_tables` (B, W) with a length mask, so shapes depend
+    only on (B, W): no host syncs, safe to capture in a CUDA graph.
+    """
     block_size = kv_cache.shape[2]
-    max_len = max(seq_lens)
-    num_blocks = (max_len + block_size - 1) // block_size
-    kv = kv_cache[:, block_tables[:, :num_blocks].long()]  # (2, B, nb, bs, Hkv, D)
-    kv = kv.flatten(2, 3)[:, :, :max_len].transpose(2, 3)  # (2, B, Hkv, S, D)
-    lens = torch.tensor(seq_lens, device=q.device)
-    mask = torch.arange(max_len, device=q.device) < lens[:, None]  # (B, S)
+    kv = kv_cache[:, block_tables.long()]  # (2, B, W, bs, Hkv, D)
+    kv = kv.flatten(2, 3).transpose(2, 3)  # (2, B, Hkv, W*bs, D)
+    positions = torch.arange(block_tables.shape[1] * block_size, device=q.device)
+    mask = positions[None, :] < seq_lens[:, None]  # (B, W*bs)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), kv[0], kv[1], attn_mask=mask[:, None, None, :], scale=scale,
         enable_gqa=q.shape[1] != kv.shape[2])  # (B, H, 1, D)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elas_serve.kernels.paged_attention import paged_attention_ref, store_kvcache_ref
+from elas_serve.kernels.paged_attention import (decode_attention_ref, paged_attention_ref,
+                                                store_kvcache_ref)
 
 from .config import ElasConfig
 from .layers import Projection, ProjSpec, apply_rotary
@@ -27,10 +28,13 @@ class AttentionMetadata:
     Invariant: sequence i's query rows are the last `query_lens[i]` of its `seq_lens[i]` tokens.
     """
 
-    slot_mapping: torch.Tensor  # (T,) int64 flat cache slot per new token, -1 = do not store
+    slot_mapping: torch.Tensor  # (T,) int64 flat cache slot per new token (padding: null block)
     block_tables: torch.Tensor  # (B, max_blocks) int32
     query_lens: list[int]       # (B,) host ints; sum == T
     seq_lens: list[int]         # (B,) host ints; context length after this step
+    # NOTE: set only for decode-only batches replayed in a CUDA graph: then attention reads
+    # lengths from this tensor over the full block-table width, and the host lists are unused.
+    seq_lens_tensor: torch.Tensor | None = None  # (B,) int
 
     def __post_init__(self) -> None:
         if len(self.query_lens) != len(self.seq_lens):
@@ -66,8 +70,12 @@ class Attention(nn.Module):
         else:
             assert kv_cache is not None, "attention metadata needs a KV cache"
             store_kvcache_ref(k, v, kv_cache, attn_metadata.slot_mapping)
-            o = paged_attention_ref(q, kv_cache, attn_metadata.block_tables,
-                                    attn_metadata.query_lens, attn_metadata.seq_lens, self.scale)
+            if attn_metadata.seq_lens_tensor is not None:
+                o = decode_attention_ref(q, kv_cache, attn_metadata.block_tables,
+                                         attn_metadata.seq_lens_tensor, self.scale)
+            else:
+                o = paged_attention_ref(q, kv_cache, attn_metadata.block_tables,
+                                        attn_metadata.query_lens, attn_metadata.seq_lens, self.scale)
         return self.o_proj(o.flatten(-2))
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -38,12 +38,18 @@ class ElasMLP(nn.Module):
         self.down_proj = Projection(width, config.hidden_size, specs["down_proj"])
         self.two_by_four = config.activation_2by4
         self.ffn_backend = "dense"  # a name in FFN_BACKENDS; "dense" is the autograd-able path
+        # when a list: each forward appends its activation density (non-zeros after relu², before 2:4)
+        self.density_probe: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ffn_backend != "dense" and not torch.is_grad_enabled():
+            if self.density_probe is not None:
+                self.density_probe.append((self.up_proj(x) > 0).float().mean())
             backend = FFN_BACKENDS[self.ffn_backend]
             return backend(x, self.up_proj.factors(), self.down_proj.factors(), self.two_by_four)
         y = torch.relu(self.up_proj(x)).square()  # (..., F)
+        if self.density_probe is not None:
+            self.density_probe.append((y != 0).float().mean())
         if self.two_by_four:
             y = _Sparse24STE.apply(y) if y.requires_grad else sparse24_ref(y)
         return self.down_proj(y)

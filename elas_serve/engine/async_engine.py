@@ -1,0 +1,125 @@
+"""AsyncLLM: the engine's step loop on a background thread, one async stream per request.
+
+Only the engine thread touches engine state. Other threads (the server's event loop) validate a
+request with `LLMEngine.make_request` (pure), then post it; aborts are posted too and applied
+before the next step, so an aborted request's blocks are free within one step. If a step raises,
+the engine is dead: every open stream gets `EngineDeadError` and new requests are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from elas_serve.sampling_params import SamplingParams
+
+from .llm_engine import LLMEngine
+from .request import Request, RequestOutput
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self.num_unfinished = 0  # submitted and not yet finished or aborted
+        self._count_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="elas-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_dead(self) -> bool:
+        return self.error is not None or not self._thread.is_alive()
+
+    @property
+    def num_queued(self) -> int:
+        """Requests submitted but not running yet (waiting or still being posted)."""
+        return max(self.num_unfinished - len(self.engine.scheduler.running), 0)
+
+    def _post(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            while True:
+                try:
+                    kind, arg = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    engine.add(arg)
+                elif engine.abort_request(arg) is not None:
+                    self._count(-1)
+            if not engine.has_unfinished_requests():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except BaseException as e:  # the engine is dead: fail every stream
+                self.error = e
+                for request_id in list(self._streams):
+                    self._deliver(request_id, EngineDeadError(f"the engine failed: {e!r}"))
+                return
+            for out in outputs:
+                if out.finished:
+                    self._count(-1)
+                self._deliver(out.request_id, out)
+
+    def _count(self, delta: int) -> None:
+        with self._count_lock:
+            self.num_unfinished += delta
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def submit(self, req: Request) -> asyncio.Queue:
+        """Post a validated request; its outputs arrive on the returned queue."""
+        if self.is_dead:
+            raise EngineDeadError("the engine is not running")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[req.request_id] = (asyncio.get_running_loop(), q)
+        self._count(+1)
+        self._post(("add", req))
+        return q
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of one request; leaving the loop early aborts it."""
+        req = self.engine.make_request(request_id, prompt, params)
+        q = self.submit(req)
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(req.request_id, None)
+            if not finished:
+                self.abort(req.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._post(("abort", request_id))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout)
