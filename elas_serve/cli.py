@@ -37,34 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model_and_tokenizer(args: argparse.Namespace):
-    from elas_serve.models import load_model
-    from elas_serve.tokenizer import Tokenizer
-    from elas_serve.utils import resolve_device, resolve_dtype
-
-    model_dir = args.model or DEMO_CHECKPOINT
-    device = resolve_device(args.device)
-    model = load_model(model_dir, resolve_dtype(args.dtype, device), device)
-    tokenizer = Tokenizer.from_path(args.tokenizer or model_dir, model.config.eos_token_ids)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"{tokenizer.name}: tokenizer has {tokenizer.vocab_size} tokens but "
-                              f"the model's vocab_size is {model.config.vocab_size}")
-    return model, tokenizer
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from elas_serve.generate import generate_stream
+    from elas_serve.config import EngineConfig
+    from elas_serve.engine.llm_engine import LLMEngine
+    from elas_serve.sampling_params import SamplingParams
 
-    if args.max_tokens < 1:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    if params.max_tokens < 1:
         raise ValueError("--max-tokens must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
-    model, tokenizer = load_model_and_tokenizer(args)
+    engine = LLMEngine.from_config(EngineConfig(
+        model=args.model or DEMO_CHECKPOINT, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype))
+    engine.add_request(None, args.prompt, params)
     sys.stdout.write(args.prompt)
-    for delta in generate_stream(model, tokenizer, args.prompt, args.max_tokens,
-                                 args.temperature, args.top_p, args.seed):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 

@@ -12,7 +12,7 @@ import torch
 from authors_ckpt import Variant, write_checkpoint
 
 from elas_serve.cli import main
-from elas_serve.generate import generate_stream
+from elas_serve import LLM, SamplingParams
 from elas_serve.models import load_model
 from elas_serve.tokenizer import Tokenizer
 
@@ -38,22 +38,22 @@ def _greedy_without_cache(model, ids, n, eos):
 def test_greedy_generation_equals_uncached_greedy(ckpt):
     model, tok = load_model(ckpt), Tokenizer.from_path(ckpt)
     prompt = "It is a truth universally"
-    text = "".join(generate_stream(model, tok, prompt, max_tokens=12))
+    text = LLM(ckpt).generate(prompt, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0].text
     new = _greedy_without_cache(model, tok.encode(prompt), 12, eos=0)
     assert text == tok.decode(tok.encode(prompt) + new)[len(prompt):]
 
 
-def test_seeded_sampling_is_reproducible(ckpt):
-    model, tok = load_model(ckpt), Tokenizer.from_path(ckpt)
-    runs = ["".join(generate_stream(model, tok, "a single man", 10, temperature=1.0, top_p=0.9, seed=s))
-            for s in (7, 7, 8)]
-    assert runs[0] == runs[1]
-
-
-def test_cli_generate(ckpt, capsys):
-    assert main(["generate", "--model", str(ckpt), "--prompt", "It is a", "--max-tokens", "5"]) == 0
+def test_cli_generate_greedy_and_seeded(ckpt, capsys):
+    args = ["generate", "--model", str(ckpt), "--prompt", "It is a", "--max-tokens", "8"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.startswith("It is a") and len(out) > len("It is a\n")
+    llm = LLM(ckpt)
+    greedy = llm.generate("It is a", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0].text
+    assert out == "It is a" + greedy + "\n"
+    seeded = [main(args + ["--temperature", "1", "--top-p", "0.9", "--seed", "7"]) for _ in range(2)]
+    assert seeded == [0, 0]
+    first, second = capsys.readouterr().out.split("\n")[:2]
+    assert first == second and first.startswith("It is a")
 
 
 @pytest.mark.parametrize("args", [["--max-tokens", "0"], ["--temperature", "-1"], ["--top-p", "0"]])
