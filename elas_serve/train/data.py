@@ -100,7 +100,7 @@ def _split_heldout(text: str, fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
+def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
     """Documents joined with EOS (when the tokenizer has one)."""
     eos = tokenizer.eos_token_ids[:1]
     ids: list[int] = []
@@ -139,7 +139,7 @@ def prepare_shards(train_paths: list[str], eval_paths: list[str], val_fraction: 
                 "train_files": [str(p) for p, _ in train_docs],
                 "eval_files": [str(p) for p, _ in eval_docs]}
         for name, texts in (("train", train_texts), ("val", val_texts)):
-            ids = _encode(tokenizer, texts)
+            ids = encode_documents(tokenizer, texts)
             _write_split(cache_dir / f"{name}.bin", ids, dtype)
             meta[f"{name}_tokens"] = len(ids)
             meta[f"{name}_bytes"] = sum(len(t.encode("utf-8")) for t in texts)
