@@ -48,8 +48,17 @@ def _up_column(acc, a, wu_ptr, offs_f, f_mask, offs_k, k_mask, stride_wuf, strid
 
 
 @triton.jit
+def _down_update(acc, y, wd_ptr, offs_f, f_mask, offs_n, n_mask, stride_wdf, stride_wdn,
+                 UPCAST: tl.constexpr):
+    """acc + y (BLOCK_T, BLOCK_G) @ w_down[offs_f, offs_n] (BLOCK_G, BLOCK_N)."""
+    w = tl.load(wd_ptr + offs_f[:, None] * stride_wdf + offs_n[None, :] * stride_wdn,
+                mask=f_mask[:, None] & n_mask[None, :], other=0.0)
+    return dot_acc(y, w, acc, UPCAST)
+
+
+@triton.jit
 def _relu2_sparse24_ffn_kernel(
-        a_ptr, wu_ptr, wd_ptr, out_ptr, h_ptr, num_tokens, width, k, n, groups_per_split,
+        a_ptr, wu_ptr, wd_ptr, out_ptr, h_ptr, num_tokens, width, num_groups, k, n, groups_per_split,
         stride_at, stride_ak, stride_wuf, stride_wuk, stride_wdf, stride_wdn,
         stride_os, stride_ot, stride_on, stride_ht, stride_hf,
         TWO_BY_FOUR: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr,
@@ -59,13 +68,11 @@ def _relu2_sparse24_ffn_kernel(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t_mask, n_mask = offs_t < num_tokens, offs_n < n
-    num_groups = tl.cdiv(width, 4)  # the last one is partial (dense) when width % 4 != 0
-    g_start = pid_s * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
+    g_start = pid_s * groups_per_split  # NOTE: the last split may run masked blocks past the end
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for g0 in range(g_start, g_end, BLOCK_G):
-        offs_g = g0 + tl.arange(0, BLOCK_G)
-        g_mask = offs_g < g_end
+    for g0 in range(0, groups_per_split, BLOCK_G):
+        offs_g = g_start + g0 + tl.arange(0, BLOCK_G)
+        g_mask = offs_g < num_groups  # num_groups = cdiv(width, 4): the last may be partial (dense)
         f0, f1, f2, f3 = 4 * offs_g, 4 * offs_g + 1, 4 * offs_g + 2, 4 * offs_g + 3
         m0, m1 = g_mask & (f0 < width), g_mask & (f1 < width)
         m2, m3 = g_mask & (f2 < width), g_mask & (f3 < width)
@@ -98,12 +105,10 @@ def _relu2_sparse24_ffn_kernel(
             y1 = tl.where(k1_ | dense, y1, 0.0)
             y2 = tl.where(k2_ | dense, y2, 0.0)
             y3 = tl.where(k3_ | dense, y3, 0.0)
-        wd_col = wd_ptr + offs_n[None, :] * stride_wdn
-        wd_mask = n_mask[None, :]
-        acc = dot_acc(y0, tl.load(wd_col + f0[:, None] * stride_wdf, mask=m0[:, None] & wd_mask, other=0.0), acc, UPCAST)
-        acc = dot_acc(y1, tl.load(wd_col + f1[:, None] * stride_wdf, mask=m1[:, None] & wd_mask, other=0.0), acc, UPCAST)
-        acc = dot_acc(y2, tl.load(wd_col + f2[:, None] * stride_wdf, mask=m2[:, None] & wd_mask, other=0.0), acc, UPCAST)
-        acc = dot_acc(y3, tl.load(wd_col + f3[:, None] * stride_wdf, mask=m3[:, None] & wd_mask, other=0.0), acc, UPCAST)
+        acc = _down_update(acc, y0, wd_ptr, f0, m0, offs_n, n_mask, stride_wdf, stride_wdn, UPCAST)
+        acc = _down_update(acc, y1, wd_ptr, f1, m1, offs_n, n_mask, stride_wdf, stride_wdn, UPCAST)
+        acc = _down_update(acc, y2, wd_ptr, f2, m2, offs_n, n_mask, stride_wdf, stride_wdn, UPCAST)
+        acc = _down_update(acc, y3, wd_ptr, f3, m3, offs_n, n_mask, stride_wdf, stride_wdn, UPCAST)
     out = out_ptr + pid_s * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on
     tl.store(out, round_to(acc, out_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
@@ -121,7 +126,7 @@ def relu2_sparse24_ffn(a: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
     if num_tokens == 0 or n == 0:
         return a.new_zeros(num_tokens, n)
     block_t = 16 if num_tokens <= 16 else 32 if num_tokens <= 32 else 64
-    block_n = min(256 if num_tokens <= 32 else 128, max(16, triton.next_power_of_2(n)))
+    block_n = min(256, max(16, triton.next_power_of_2(n)))  # N = rank: the up projection runs once or twice
     block_k = min(64, max(16, triton.next_power_of_2(k)))
     block_g = 16
     num_tiles = triton.cdiv(num_tokens, block_t) * triton.cdiv(n, block_n)
@@ -138,7 +143,7 @@ def relu2_sparse24_ffn(a: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
     h = out if h_out is None else h_out
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(n, block_n), splits)
     _relu2_sparse24_ffn_kernel[grid](
-        a, w_up, w_down, out, h, num_tokens, width, k, n, groups_per_split,
+        a, w_up, w_down, out, h, num_tokens, width, triton.cdiv(width, 4), k, n, groups_per_split,
         a.stride(0), a.stride(1), w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
         stride_os, out.stride(-2), out.stride(-1), h.stride(-2), h.stride(-1),
         TWO_BY_FOUR=two_by_four, STORE_H=h_out is not None, UPCAST=upcast_dots(a.dtype),

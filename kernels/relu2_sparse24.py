@@ -162,7 +162,8 @@ def _relu2_sparse24_compress_kernel(
     if TAIL > 0:
         if pid_g == 0:  # the dense tail, written by the first column of programs
             for j in tl.static_range(TAIL):
-                hj = tl.load(h_ptr + offs_t * stride_ht + (4 * num_groups + j) * stride_hf, mask=t_in, other=0.0)
+                col_j = (4 * num_groups + j) * stride_hf
+                hj = tl.load(h_ptr + offs_t * stride_ht + col_j, mask=t_in, other=0.0)
                 tl.store(tail_ptr + offs_t * stride_tt + j, relu2(hj, dtype), mask=t_in)
 
 

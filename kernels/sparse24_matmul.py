@@ -42,12 +42,11 @@ def _sparse24_matmul_kernel(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t_mask, n_mask = offs_t < num_tokens, offs_n < n
-    g_start = pid_s * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
+    g_start = pid_s * groups_per_split  # NOTE: the last split may run masked blocks past the end
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for g0 in range(g_start, g_end, BLOCK_G):
-        offs_g = g0 + tl.arange(0, BLOCK_G)
-        g_mask = offs_g < g_end
+    for g0 in range(0, groups_per_split, BLOCK_G):
+        offs_g = g_start + g0 + tl.arange(0, BLOCK_G)
+        g_mask = offs_g < num_groups
         mask = t_mask[:, None] & g_mask[None, :]  # (BLOCK_T, BLOCK_G)
         word = tl.load(meta_ptr + offs_t[:, None] * stride_mt + (offs_g // 4)[None, :], mask=mask, other=0)
         nibble = (word.to(tl.int32) >> (4 * (offs_g % 4))[None, :]) & 0xF
@@ -65,7 +64,8 @@ def _sparse24_matmul_kernel(
         if pid_s == 0:
             for j in tl.static_range(TAIL):
                 y = tl.load(tail_ptr + offs_t * stride_tt + j, mask=t_mask, other=0.0).to(tl.float32)
-                w_j = tl.load(w_ptr + (4 * num_groups + j) * stride_wf + offs_n * stride_wn, mask=n_mask, other=0.0)
+                w_row = w_ptr + (4 * num_groups + j) * stride_wf
+                w_j = tl.load(w_row + offs_n * stride_wn, mask=n_mask, other=0.0)
                 acc += y[:, None] * w_j.to(tl.float32)[None, :]
     out = out_ptr + pid_s * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on
     tl.store(out, round_to(acc, out_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
