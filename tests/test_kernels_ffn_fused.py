@@ -16,10 +16,14 @@ import torch
 
 from elas_serve.kernels.ffn_fused import relu2_sparse24_ffn, relu2_sparse24_ffn_ref
 from elas_serve.kernels.relu2_sparse24 import relu2_sparse24_ref
+from elas_serve.kernels.triton_utils import interpreting
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 ELAS = {"60m": (512, 2064, 128), "130m": (768, 3072, 256), "350m": (1024, 4104, 256),
         "1b": (2048, 8191, 512)}  # hidden, width, rank
+
+# the `gpu` tests would take hours under the interpreter: they need compiled kernels
+COMPILED = pytest.mark.skipif(interpreting(), reason="run with TRITON_INTERPRET=0 on a GPU")
 
 
 def _operands(t: int, k: int, width: int, n: int, dtype: torch.dtype, seed: int, ties: bool = False,
@@ -73,6 +77,7 @@ def test_fused_selection_matters():
 
 
 @pytest.mark.gpu
+@COMPILED
 @pytest.mark.parametrize("model", list(ELAS))
 @pytest.mark.parametrize("num_tokens", [1, 77, 1024])
 def test_fused_gpu_elas_shapes(model, num_tokens):

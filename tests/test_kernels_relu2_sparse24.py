@@ -13,8 +13,12 @@ import torch
 from elas_serve.kernels.relu2_sparse24 import (Sparse24, relu2_sparse24_compress, relu2_sparse24_pruned,
                                                relu2_sparse24_ref, sparse24_compress_ref,
                                                sparse24_decompress_ref, sparse24_ref)
+from elas_serve.kernels.triton_utils import interpreting
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# the `gpu` tests would take hours under the interpreter: they need compiled kernels
+COMPILED = pytest.mark.skipif(interpreting(), reason="run with TRITON_INTERPRET=0 on a GPU")
 
 
 def _pre_activation(num_tokens: int, width: int, dtype: torch.dtype, seed: int, ties: bool = False,
@@ -81,6 +85,7 @@ def test_pruned_padded_output(width, dtype):
 
 
 @pytest.mark.gpu
+@COMPILED
 @pytest.mark.parametrize("width", [2064, 3072, 4104, 8191])
 @pytest.mark.parametrize("num_tokens", [1, 77, 1024])
 def test_kernel_gpu_elas_widths(width, num_tokens):

@@ -14,8 +14,12 @@ from elas_serve.kernels.relu2_sparse24 import (relu2_sparse24_compress, relu2_sp
                                                sparse24_decompress_ref)
 from elas_serve.kernels.sparse24_cslt import cslt_supported, cslt_usable, sparse24_matmul_cslt
 from elas_serve.kernels.sparse24_matmul import sparse24_matmul, sparse24_matmul_ref
+from elas_serve.kernels.triton_utils import interpreting
 
 ELAS = {"60m": (2064, 128), "130m": (3072, 256), "350m": (4104, 256), "1b": (8191, 512)}  # width, rank
+
+# the `gpu` tests would take hours under the interpreter: they need compiled kernels
+COMPILED = pytest.mark.skipif(interpreting(), reason="run with TRITON_INTERPRET=0 on a GPU")
 
 
 def _operands(num_tokens: int, width: int, n: int, dtype: torch.dtype, seed: int, device: str = "cpu"
@@ -56,6 +60,7 @@ def test_matmul_uses_every_kept_value():
 
 
 @pytest.mark.gpu
+@COMPILED
 @pytest.mark.parametrize("model", list(ELAS))
 @pytest.mark.parametrize("num_tokens", [1, 77, 1024])
 def test_matmul_gpu_elas_shapes(model, num_tokens):
@@ -69,6 +74,7 @@ def test_matmul_gpu_elas_shapes(model, num_tokens):
 
 
 @pytest.mark.gpu
+@COMPILED
 @pytest.mark.parametrize("model", list(ELAS))
 @pytest.mark.parametrize("num_tokens", [1, 77, 1024])
 def test_cusparselt_path_gpu_elas_shapes(model, num_tokens):
