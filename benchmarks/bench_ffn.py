@@ -160,7 +160,8 @@ def check(model: str, shape: tuple[int, int, int], num_tokens: int, dtype, devic
     return rows
 
 
-def bench(model: str, shape: tuple[int, int, int], num_tokens: int, dtype, args, cslt: bool) -> list[dict]:
+def bench(model: str, shape: tuple[int, int, int], num_tokens: int, dtype, args, cslt: bool,
+          graph: bool) -> list[dict]:
     K = load_kernels()
     x, up, down = make_ffn(*shape, num_tokens, dtype, args.device)
     h = K.project(x, up)
@@ -175,19 +176,17 @@ def bench(model: str, shape: tuple[int, int, int], num_tokens: int, dtype, args,
     }
     if cslt:
         fns["sparse24_cslt"] = lambda: K.ffn_sparse24(x, up, down, True, gemm="cusparselt")
-    modes = [False, True] if args.cuda_graphs and args.device == "cuda" else [False]
     rows = []
     for name, fn in fns.items():
-        for graph in modes:
-            row = {"model": model, "hidden": shape[0], "width": shape[1], "rank": shape[2],
-                   "tokens": num_tokens, "backend": name, "cuda_graph": graph}
-            try:
-                row.update(time_us(fn, args.device, args.warmup, args.repeats, graph))
-            except Exception as e:  # noqa: BLE001 - e.g. a path that cannot be graph-captured
-                row["error"] = repr(e)[:300]
-            rows.append(row)
-            print(f"{model:8s} T={num_tokens:5d} {name:16s}{' graph' if graph else '':6s} "
-                  + (f"{row['median_us']:10.1f} us" if "median_us" in row else row["error"]), flush=True)
+        row = {"model": model, "hidden": shape[0], "width": shape[1], "rank": shape[2],
+               "tokens": num_tokens, "backend": name, "cuda_graph": graph}
+        try:
+            row.update(time_us(fn, args.device, args.warmup, args.repeats, graph))
+        except Exception as e:  # noqa: BLE001 - e.g. a path that cannot be graph-captured
+            row["error"] = repr(e)[:300]
+        rows.append(row)
+        print(f"{model:8s} T={num_tokens:5d} {name:16s}{' graph' if graph else '':6s} "
+              + (f"{row['median_us']:10.1f} us" if "median_us" in row else row["error"]), flush=True)
     return rows
 
 
@@ -262,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = check(model, shape, t, dtype, args.device, cslt)
             checks += rows
             print(f"check {model} T={t}: " + ", ".join(f"{c['check']} {c['rel_err']:.1e}" for c in rows))
-    timings = [row for model, shape in shapes.items() for t in tokens
-               for row in bench(model, shape, t, dtype, args, cslt)]
+    # NOTE: every eager timing first: a failed graph capture must not spoil them
+    modes = [False, True] if args.cuda_graphs and args.device == "cuda" else [False]
+    timings = [row for graph in modes for model, shape in shapes.items() for t in tokens
+               for row in bench(model, shape, t, dtype, args, cslt, graph)]
     result = {"environment": env, "dtype": args.dtype, "args": {k: str(v) for k, v in vars(args).items()},
               "checks": checks, "timings": timings}
     name = env["device_name"].lower()

@@ -58,7 +58,7 @@ def num_splits(device: torch.device, num_tiles: int, num_blocks: int) -> int:
     if device.type != "cuda":
         return 1
     want = triton.cdiv(2 * _num_sms(device.index or 0), num_tiles)
-    return max(1, min(want, num_blocks // 2, 32))
+    return max(1, min(want, num_blocks // 2, 64))
 
 
 @triton.jit
