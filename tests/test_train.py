@@ -17,7 +17,7 @@ from conftest import TEXT
 
 from elas_serve.cli import main as cli_main
 from elas_serve.models import load_model, save_checkpoint
-from elas_serve.train import TrainConfig, train
+from elas_serve.train import TrainConfig
 from elas_serve.train.data import prepare_shards
 from elas_serve.train.evaluate import evaluate
 from elas_serve.train.presets import build_model, init_weights

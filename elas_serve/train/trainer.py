@@ -32,7 +32,7 @@ from elas_serve.models import ElasForCausalLM, save_checkpoint
 from elas_serve.models.mlp import ElasMLP
 from elas_serve.utils import DTYPES, resolve_device
 
-from .config import MODEL_FIELDS, TrainConfig
+from .config import TrainConfig
 from .data import get_batch
 from .evaluate import EvalResult, evaluate, token_nll
 from .metrics import MetricsLog, plot_loss_curve
@@ -122,6 +122,14 @@ def _training_fields(cfg: TrainConfig) -> dict[str, Any]:
             "max_sequence_length": cfg.seq_len}
 
 
+def _state(cfg: TrainConfig, step: int, tokens_seen: int, elapsed: float, world: int,
+           num_params: int) -> dict[str, Any]:
+    """training_state.json (the authors' `global_step` / `update_step` / `tokens_seen` names)."""
+    return {"global_step": step, "update_step": step, "tokens_seen": tokens_seen,
+            "elapsed_s": elapsed, "world_size": world, "num_parameters": num_params,
+            "train_config": cfg.to_dict(), "torch_version": torch.__version__}
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the training `cfg` describes; returns the final held-out evaluation."""
     rank, world, device = _setup_process(cfg)
@@ -157,7 +165,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                   f"{len(val_split):,} held-out tokens, {cfg.tokens_per_step * world:,} tokens "
                   f"per step, {world} process(es) on {device}"
                   + (f", resumed at step {start_step}" if resume_dir else ""))
-    state: dict[str, Any] = {}
     t_start = time.perf_counter()
     tok_rate = 0.0
     for step in range(start_step, cfg.max_steps):
@@ -204,11 +211,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 metrics.write("eval", done, **res.to_dict())
                 bar.write(f"step {done}: held-out loss {res.loss:.4f}, perplexity "
                           f"{res.perplexity:.2f}, bits/byte {res.bits_per_byte:.4f} (partial)")
-        state = {"global_step": done, "update_step": done, "tokens_seen": tokens_seen,
-                 "elapsed_s": elapsed, "world_size": world, "num_parameters": num_params,
-                 "train_config": cfg.to_dict(), "torch_version": torch.__version__}
         if cfg.save_interval and done % cfg.save_interval == 0 and done < cfg.max_steps:
             if main_proc:
+                state = _state(cfg, done, tokens_seen, elapsed, world, num_params)
                 _save_step(out, done, model, optimizer, tokenizer_file, state, cfg)
             _barrier()
     bar.close()
@@ -221,11 +226,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         print(f"elas-serve train: done {cfg.max_steps} steps, {tokens_seen:,} tokens in "
               f"{elapsed:.0f} s; held-out loss {final.loss:.4f}, perplexity "
               f"{final.perplexity:.2f}, bits/byte {final.bits_per_byte:.4f}")
-        state = {"global_step": cfg.max_steps, "update_step": cfg.max_steps,
-                 "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": world,
-                 "num_parameters": num_params, "train_config": cfg.to_dict(),
-                 "torch_version": torch.__version__, "final_eval": final.to_dict(),
-                 "model_fields": {k: cfg.to_dict()[k] for k in MODEL_FIELDS}}
+        state = _state(cfg, cfg.max_steps, tokens_seen, elapsed, world, num_params)
+        state["final_eval"] = final.to_dict()
         save_checkpoint(model, out, dtype=DTYPES[cfg.save_dtype], tokenizer_file=tokenizer_file,
                         training_fields=_training_fields(cfg))
         (out / "training_state.json").write_text(json.dumps(state, indent=2) + "\n")
