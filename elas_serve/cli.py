@@ -6,11 +6,23 @@ Exit codes: 0 success, 2 bad usage or a checkpoint that cannot be served (one cl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from elas_serve.models import CheckpointError
 from elas_serve.utils import DEMO_CHECKPOINT, DTYPES
+
+SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """'1073741824', '512M', '2GiB' -> bytes."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        return int(float(t[:-1]) * SIZE_SUFFIXES[t[-1]]) if t and t[-1] in SIZE_SUFFIXES else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r}") from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train an ELAS checkpoint (see `elas-serve train --help`)")
     sub.add_parser("data", help="fetch and tokenize a corpus (see `elas-serve data --help`)")
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--ffn-backend", default="auto", choices=["auto", "dense", "sparse24", "fused"])
+    srv.add_argument("--served-model-name", default=None,
+                     help="model name clients send (default: the --model argument, or elas-demo)")
+    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--max-num-seqs", type=int, default=128)
+    srv.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    srv.add_argument("--block-size", type=int, default=16)
+    kv = srv.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-memory", type=byte_size, default=None, help="bytes (e.g. 2G)")
+    kv.add_argument("--num-kv-blocks", type=int, default=None)
+    srv.add_argument("--no-prefix-caching", action="store_true")
+    srv.add_argument("--max-queued-requests", type=int, default=None,
+                     help="reject (503) requests beyond this many waiting (default: no limit)")
+    srv.add_argument("--api-key", default=os.environ.get("ELAS_SERVE_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' (default: $ELAS_SERVE_API_KEY)")
+    srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish after SIGTERM")
+    srv.add_argument("--max-request-bytes", type=byte_size, default=16 << 20)
+    srv.add_argument("--seed", type=int, default=0)
+
     gen = sub.add_parser("generate", help="complete one prompt offline and print the text")
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
@@ -58,6 +95,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from elas_serve.config import EngineConfig
+    from elas_serve.server.launch import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise ValueError("--max-queued-requests must be >= 0")
+    config = EngineConfig(
+        model=args.model or DEMO_CHECKPOINT, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        ffn_backend=args.ffn_backend, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager, seed=args.seed)
+    name = args.served_model_name or (str(args.model) if args.model else "elas-demo")
+    return serve(config, args.host, args.port, name, args.api_key, args.max_queued_requests,
+                 args.shutdown_timeout, args.max_request_bytes)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("train", "data"):  # the trainer owns its own flags
@@ -65,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv)
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "serve": cmd_serve}[args.command](args)
     except (CheckpointError, ValueError) as e:
         print(f"elas-serve: error: {e}", file=sys.stderr)
         return 2

@@ -118,7 +118,8 @@ def test_aborts_return_every_block(ckpt, model):
     engine.step()
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_usable_blocks
     for req in reqs:  # two running, two waiting
-        assert engine.abort_request(req.request_id) is req
+        out = engine.abort_request(req.request_id)
+        assert out.finished and out.finish_reason == "abort" and out.request_id == req.request_id
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
     assert engine.block_manager.usage == 0.0

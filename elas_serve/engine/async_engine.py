@@ -59,8 +59,9 @@ class AsyncLLM:
                     break
                 if kind == "add":
                     engine.add(arg)
-                elif engine.abort_request(arg) is not None:
+                elif (out := engine.abort_request(arg)) is not None:
                     self._count(-1)
+                    self._deliver(arg, out)  # reaches the stream unless its reader left
             if not engine.has_unfinished_requests():
                 self._wakeup.wait()
                 self._wakeup.clear()
@@ -87,39 +88,63 @@ class AsyncLLM:
             loop, q = stream
             loop.call_soon_threadsafe(q.put_nowait, item)
 
-    def submit(self, req: Request) -> asyncio.Queue:
-        """Post a validated request; its outputs arrive on the returned queue."""
+    def submit(self, req: Request) -> "RequestStream":
+        """Post a request built by `LLMEngine.make_request`; iterate the returned stream for its
+        outputs and close it when done (closing an unfinished stream aborts the request)."""
         if self.is_dead:
             raise EngineDeadError("the engine is not running")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = (asyncio.get_running_loop(), q)
         self._count(+1)
         self._post(("add", req))
-        return q
+        return RequestStream(self, req, q)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream the outputs of one request; leaving the loop early aborts it."""
-        req = self.engine.make_request(request_id, prompt, params)
-        q = self.submit(req)
-        finished = False
+        """Validate, submit and stream one request; leaving the loop early aborts it."""
+        stream = self.submit(self.engine.make_request(request_id, prompt, params))
         try:
-            while not finished:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for out in stream:
+                yield out
         finally:
-            self._streams.pop(req.request_id, None)
-            if not finished:
-                self.abort(req.request_id)
+            stream.close()
 
-    def abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
+    def abort(self, request_id: str, notify: bool = False) -> None:
+        """Abort a request. With `notify`, its stream still gets the final "abort" output (the
+        server stopping a request); without, the stream is dropped (its reader left)."""
+        if not notify:
+            self._streams.pop(request_id, None)
         self._post(("abort", request_id))
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout)
+
+
+class RequestStream:
+    """The outputs of one submitted request, in order, ending with the finished one."""
+
+    def __init__(self, llm: AsyncLLM, req: Request, q: asyncio.Queue):
+        self.llm, self.request, self._q = llm, req, q
+        self.finished = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._q.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def close(self) -> None:
+        """Stop listening; abort the request if it has not finished. Idempotent."""
+        self.llm._streams.pop(self.request.request_id, None)
+        if not self.finished:
+            self.finished = True
+            self.llm.abort(self.request.request_id)

@@ -140,12 +140,14 @@ class LLMEngine:
         self.add(req)
         return req
 
-    def abort_request(self, request_id: str) -> Request | None:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is, free its blocks; its final output (None if unknown)."""
         req = self.requests.get(request_id)
         if req is None:
             return None
+        out = self.output_processor.aborted(req)
         self._finish(req, RequestStatus.FINISHED_ABORTED)
-        return req
+        return out
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish_request(req, status)

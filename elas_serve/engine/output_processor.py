@@ -87,6 +87,16 @@ class OutputProcessor:
             times=req.times,
         ), status
 
+    def aborted(self, req: Request) -> RequestOutput:
+        """The last output of a request stopped from outside: whatever text was held back."""
+        st = self.states[req.request_id]
+        st.detok.flush()
+        end = len(st.detok.text) if st.stop_at is None else st.stop_at
+        new_text, st.released = st.detok.text[st.released:end], end
+        return RequestOutput(req.request_id, [], new_text, finished=True, finish_reason="abort",
+                             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
+                             num_cached_tokens=req.num_cached_tokens, times=req.times)
+
     def _check_stop(self, req: Request, st: _TextState, token: int) -> RequestStatus | None:
         p = req.params
         prev_len = len(st.detok.text)

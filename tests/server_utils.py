@@ -1,0 +1,82 @@
+"""A real uvicorn server on loopback, in a background thread of the test process (so tests can
+also look at the engine's state), and Prometheus text parsing."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from elas_serve.config import EngineConfig
+from elas_serve.engine.async_engine import AsyncLLM
+from elas_serve.engine.llm_engine import LLMEngine
+from elas_serve.models import load_model
+from elas_serve.server.app import create_app
+from elas_serve.server.serving import ServerState
+from elas_serve.tokenizer import Tokenizer
+
+MODEL_NAME = "elas-test"
+
+
+class ServerThread:
+    def __init__(self, ckpt: Path, api_key: str | None = None, max_queued_requests: int | None = None,
+                 max_body_bytes: int = 1 << 20, step_delay: float = 0.0, **engine_kwargs):
+        engine = LLMEngine(load_model(ckpt), Tokenizer.from_path(ckpt), EngineConfig(model=ckpt, **engine_kwargs))
+        if step_delay:  # a slower model: long generations stay in flight long enough to act on
+            execute = engine.runner.execute
+
+            def slow_execute(*args, **kwargs):
+                time.sleep(step_delay)
+                return execute(*args, **kwargs)
+            engine.runner.execute = slow_execute
+        self.llm = AsyncLLM(engine)
+        self.engine = engine
+        self.state = ServerState(self.llm, MODEL_NAME, max_queued_requests)
+        app = create_app(self.state, api_key, max_body_bytes)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(f"{self.url}/metrics").text)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """True once no request is in flight and no KV block is in use."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.llm.num_unfinished == 0 and self.engine.block_manager.usage == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """`{'name{labels}': value}` for every sample line (labels as exposed, sorted by the exporter)."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            m = re.match(r"^(\S+?(?:\{.*\})?)\s+(\S+)$", line)
+            if m:
+                samples[m.group(1)] = float(m.group(2))
+    return samples
