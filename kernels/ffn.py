@@ -8,8 +8,9 @@ x (..., hidden) and returns (..., hidden) in the dtype of x, and computes the sa
   dense     PyTorch matmuls with the 2:4 mask applied (CPU and GPU; the only autograd-able one).
   sparse24  up projection in PyTorch; one Triton kernel fuses relu ** 2, top-2-of-4 and compression
             (`relu2_sparse24.py`); the 2:4 GEMM with the down projection's first factor runs on
-            cuSPARSELt where a probe says it works (`sparse24_cslt.py`), else in Triton
-            (`sparse24_matmul.py`); a low-rank down's second factor in PyTorch.
+            cuSPARSELt for >= CSLT_MIN_TOKENS tokens where a probe says it works
+            (`sparse24_cslt.py`), else in Triton (`sparse24_matmul.py`); a low-rank down's second
+            factor in PyTorch.
   fused     one Triton kernel from the up projection's last factor to the down projection's first
             factor (`ffn_fused.py`), never writing the (T, F) activation; the first factor of a
             low-rank up and the second factor of a low-rank down in PyTorch.
@@ -29,6 +30,9 @@ from .sparse24_cslt import cslt_usable, sparse24_matmul_cslt
 from .sparse24_matmul import sparse24_matmul
 
 Factors = tuple["torch.Tensor | None", torch.Tensor]
+# NOTE: cuSPARSELt pads M to 32 and plans per call; quoted measurements show 2:4 GEMMs losing to
+# dense below ~64-512 rows (research notes on sparsity, section 6). A guess until bench_ffn.py measures it.
+CSLT_MIN_TOKENS = 128
 FFNFn = Callable[[torch.Tensor, Factors, Factors, bool], torch.Tensor]
 
 
@@ -52,13 +56,15 @@ def _down_split(down: Factors) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def ffn_sparse24(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool,
                  gemm: str = "auto") -> torch.Tensor:
-    """Compress-then-GEMM backend. `gemm`: "auto" (cuSPARSELt if usable), "triton", "cusparselt"."""
+    """Compress-then-GEMM backend. `gemm`: "triton", "cusparselt", or "auto" (cuSPARSELt where
+    usable and T >= CSLT_MIN_TOKENS, else Triton)."""
     if not two_by_four:  # NOTE: nothing is sparse: the dense path is this backend's best
         return ffn_dense(x, up, down, two_by_four)
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
     h = project(x, up)  # (T, F)
     first, second = _down_split(down)
-    use_cslt = gemm == "cusparselt" or (gemm == "auto" and cslt_usable(h.device, h.dtype))
+    use_cslt = gemm == "cusparselt" or (
+        gemm == "auto" and h.shape[0] >= CSLT_MIN_TOKENS and cslt_usable(h.device, h.dtype))
     if use_cslt:
         z = sparse24_matmul_cslt(h, first)  # (T, N)
     else:
