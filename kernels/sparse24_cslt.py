@@ -17,7 +17,6 @@ would compute it in TF32, not what the float32 reference computes).
 
 from __future__ import annotations
 
-import functools
 import warnings
 import weakref
 
@@ -28,6 +27,7 @@ from .relu2_sparse24 import relu2_sparse24_pruned, relu2_sparse24_ref
 
 PAD_M, PAD_K, PAD_N = 32, 64, 8
 _WEIGHTS: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+_USABLE: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 def _round_up(x: int, m: int) -> int:
@@ -74,11 +74,17 @@ def sparse24_matmul_cslt(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@functools.cache
 def cslt_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """`cslt_supported`, and a probe of this path agrees with the reference (checked once)."""
-    if not cslt_supported(device, dtype):
-        return False
+    key = (device, dtype)
+    if key not in _USABLE:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False  # NOTE: no probe inside a CUDA-graph capture; the next eager call probes
+        _USABLE[key] = cslt_supported(device, dtype) and _probe(device, dtype)
+    return _USABLE[key]
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     try:
         g = torch.Generator(device=device).manual_seed(0)
         h = torch.randn(40, 203, generator=g, device=device).to(dtype)
