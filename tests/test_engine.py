@@ -268,3 +268,21 @@ def test_async_engine_death_fails_streams(ckpt, model):
         with pytest.raises(EngineDeadError):
             [o async for o in llm.generate("hello", GREEDY)]
     asyncio.run(main())
+
+
+def test_graph_decode_path_equals_eager(ckpt, model):
+    """The CUDA-graph decode path (static padded buffers, null-block padding, length-masked
+    attention over the full block table), run eagerly on CPU, changes no token."""
+    from elas_serve.engine.cuda_graph import CUDAGraphRunner
+
+    prompts = prompts_of([3, 17, 9, 25, 6])
+    eager = run(make_engine(ckpt, model, block_size=4, max_model_len=64), prompts, GREEDY)
+    engine = make_engine(ckpt, model, block_size=4, max_model_len=64, max_num_seqs=8)
+    runner = engine.runner
+    runner.graphs = CUDAGraphRunner(model, runner.kv_caches, 8, runner.max_blocks_per_seq, capture=False)
+    assert runner.graphs.sizes == [1, 2, 4, 8]
+    calls = []
+    graph_run = runner.graphs.run
+    runner.graphs.run = lambda *a: calls.append(len(a[-1])) or graph_run(*a)
+    assert run(engine, prompts, GREEDY) == eager
+    assert calls and set(calls) >= {5}  # decode steps went through the padded path (5 -> 8)

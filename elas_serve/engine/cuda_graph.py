@@ -21,8 +21,11 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CUDAGraphRunner:
+    """`capture=False` runs the same padded static-buffer steps eagerly: how the CPU tests check
+    everything here but the capture itself."""
+
     def __init__(self, model: ElasForCausalLM, kv_caches: list[torch.Tensor], max_num_seqs: int,
-                 max_blocks_per_seq: int):
+                 max_blocks_per_seq: int, capture: bool = True):
         device = model.output_weight.device
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
@@ -32,17 +35,21 @@ class CUDAGraphRunner:
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, model.config.hidden_size, dtype=model.output_weight.dtype, device=device)
+        self.model = model
+        self.args = {b: (self.input_ids[:b], self.positions[:b],
+                         AttentionMetadata(self.slot_mapping[:b], self.block_tables[:b], [1] * b, [1] * b,
+                                           seq_lens_tensor=self.seq_lens[:b]), kv_caches)
+                     for b in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if not capture:
+            return
         pool = None
         with torch.inference_mode():
             for b in reversed(self.sizes):
-                meta = AttentionMetadata(self.slot_mapping[:b], self.block_tables[:b], [1] * b, [1] * b,
-                                         seq_lens_tensor=self.seq_lens[:b])
-                args = (self.input_ids[:b], self.positions[:b], meta, kv_caches)
-                self.hidden[:b] = model(*args)  # warm-up (allocator, cuBLAS handles)
+                self.hidden[:b] = model(*self.args[b])  # warm-up (allocator, cuBLAS handles)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.hidden[:b] = model(*args)
+                    self.hidden[:b] = model(*self.args[b])
                 pool = graph.pool()
                 self.graphs[b] = graph
         torch.cuda.synchronize()
@@ -64,5 +71,8 @@ class CUDAGraphRunner:
         self.block_tables[:b, :block_tables.shape[1]] = block_tables
         self.seq_lens[:padded] = 1
         self.seq_lens[:b] = torch.tensor(seq_lens, dtype=torch.int32, device=input_ids.device)
-        self.graphs[padded].replay()
+        if self.graphs:
+            self.graphs[padded].replay()
+        else:
+            self.hidden[:padded] = self.model(*self.args[padded])
         return self.hidden[:b]
