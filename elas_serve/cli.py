@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds in-flight requests get to finish after SIGTERM")
     srv.add_argument("--max-request-bytes", type=byte_size, default=16 << 20)
     srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--cpu-threads", type=int, default=None,
+                     help="torch threads on CPU (default: all cores but one)")
 
     gen = sub.add_parser("generate", help="complete one prompt offline and print the text")
     _add_model_args(gen)
@@ -109,7 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ffn_backend=args.ffn_backend, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager, seed=args.seed)
+        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager, seed=args.seed,
+        cpu_threads=args.cpu_threads)
     name = args.served_model_name or (str(args.model) if args.model else "elas-demo")
     return serve(config, args.host, args.port, name, args.api_key, args.max_queued_requests,
                  args.shutdown_timeout, args.max_request_bytes)
