@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from elas_serve.models import CheckpointError
-from elas_serve.utils import DEMO_CHECKPOINT, DTYPES
+from elas_serve.errors import CheckpointError
+from elas_serve.utils import DEMO_CHECKPOINT, DTYPES, resolve_device
 
 SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -104,6 +104,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from elas_serve.server.launch import serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.ffn_backend in ("sparse24", "fused") and resolve_device(args.device).type == "cpu":
+        # NOTE: Triton kernels run on the CPU only in the interpreter, which must be chosen
+        # before they are imported; correct, but far slower than the dense backend.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        logging.getLogger("elas_serve").warning(
+            "--ffn-backend %s on the CPU runs its Triton kernels in the interpreter (slow)", args.ffn_backend)
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")
     config = EngineConfig(

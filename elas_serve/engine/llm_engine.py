@@ -61,6 +61,10 @@ class LLMEngine:
         return cls(model, tokenizer, config)
 
     def _select_ffn_backend(self, name: str) -> str:
+        on_cpu = self.model.output_weight.device.type == "cpu"
+        if name in ("sparse24", "fused") and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"--ffn-backend {name} runs Triton kernels: on the CPU they need the "
+                             f"interpreter (TRITON_INTERPRET=1 set before start-up); use dense or auto")
         if name != "auto":
             return name
         # NOTE: on CPU the PyTorch reference is the fastest path; the Triton backends pay off
