@@ -100,16 +100,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from elas_serve.config import EngineConfig
-    from elas_serve.server.launch import serve
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.ffn_backend in ("sparse24", "fused") and resolve_device(args.device).type == "cpu":
         # NOTE: Triton kernels run on the CPU only in the interpreter, which must be chosen
-        # before they are imported; correct, but far slower than the dense backend.
+        # before they are imported (below); correct, but far slower than the dense backend.
         os.environ.setdefault("TRITON_INTERPRET", "1")
         logging.getLogger("elas_serve").warning(
             "--ffn-backend %s on the CPU runs its Triton kernels in the interpreter (slow)", args.ffn_backend)
+    from elas_serve.config import EngineConfig
+    from elas_serve.server.launch import serve
+
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")
     config = EngineConfig(

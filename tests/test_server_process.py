@@ -113,3 +113,20 @@ def test_serve_exits_2_on_a_broken_checkpoint(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "activation_sparse_method='mvue' is not supported" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fused_backend_on_cpu_serves_what_dense_serves(ckpt):
+    """`--ffn-backend fused` on the CPU turns on the Triton interpreter before the kernels load."""
+    body = {"model": "m", "prompt": "It is a truth", "max_tokens": 4, "temperature": 0}
+    texts = {}
+    for backend in ("dense", "fused"):
+        proc, url = start(ckpt, "--ffn-backend", backend)
+        try:
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            texts[backend] = r.json()["choices"][0]["text"]
+            assert f'backend="{backend}"' in httpx.get(f"{url}/metrics").text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+    assert texts["fused"] == texts["dense"]
