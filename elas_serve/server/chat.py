@@ -20,8 +20,8 @@ from elas_serve.errors import InvalidRequestError
 
 from .completions import sse
 from .protocol import ChatCompletionRequest, ChatMessage, error_body
-from .serving import (Choice, ServerState, SSEResponse, clamp, client_gone, close_all, make_children,
-                      merged_stream, run_unless_disconnected, submit, token_str)
+from .serving import (Choice, ServerState, SSEResponse, clamp, client_gone, collect, make_children,
+                      merged_stream, submit, token_str)
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
                   "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -73,16 +73,8 @@ async def create_chat_completion(body: ChatCompletionRequest, http: HTTPRequest,
     if body.stream:
         return SSEResponse(_stream(state, body, streams, head, num_prompt), streams)
     choices = [Choice(0, c.prompt_token_ids) for c in children]
-
-    async def collect() -> None:
-        async for index, out in merged_stream(streams):
-            choices[index].add(out)
-
-    try:
-        if not await run_unless_disconnected(http, collect()):
-            return client_gone()
-    finally:
-        close_all(streams)
+    if not await collect(http, streams, choices):
+        return client_gone()
     completion_tokens = sum(len(c.token_ids) for c in choices)
     return JSONResponse({
         **head, "object": "chat.completion",

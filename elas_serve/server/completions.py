@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from elas_serve.engine.request import TokenLogprob
 
 from .protocol import CompletionRequest, error_body
-from .serving import (Choice, ServerState, SSEResponse, clamp, client_gone, close_all, make_children,
-                      merged_stream, run_unless_disconnected, submit, token_str)
+from .serving import (Choice, ServerState, SSEResponse, clamp, client_gone, collect, make_children,
+                      merged_stream, submit, token_str)
 
 
 def completion_logprobs(state: ServerState, token_ids: list[int], entries: list[TokenLogprob | None],
@@ -90,16 +90,8 @@ async def create_completion(body: CompletionRequest, http: HTTPRequest, state: S
         return SSEResponse(_stream(state, body, streams, head, render, prompt_counts), streams)
 
     choices = [Choice(i // n, c.prompt_token_ids) for i, c in enumerate(children)]
-
-    async def collect() -> None:
-        async for index, out in merged_stream(streams):
-            choices[index].add(out)
-
-    try:
-        if not await run_unless_disconnected(http, collect()):
-            return client_gone()
-    finally:
-        close_all(streams)
+    if not await collect(http, streams, choices):
+        return client_gone()
     result = []
     for i, ch in enumerate(choices):
         text, lp = render.piece(i, ch.prompt_index, ch.prompt_token_ids, ch.text, ch.token_ids,

@@ -181,6 +181,19 @@ async def run_unless_disconnected(request: HTTPRequest, coro) -> bool:
     return True
 
 
+async def collect(http: HTTPRequest, streams: list[RequestStream], choices: list[Choice]) -> bool:
+    """Run every child to the end into `choices`; False if the client left first (then every
+    child was aborted)."""
+    async def run() -> None:
+        async for index, out in merged_stream(streams):
+            choices[index].add(out)
+
+    try:
+        return await run_unless_disconnected(http, run())
+    finally:
+        close_all(streams)
+
+
 CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
 
 
