@@ -1,0 +1,195 @@
+"""`elas-loadtest compare`: the same sweep against one checkpoint served by several FFN backends.
+
+Each server is started (`elas-serve serve --ffn-backend B` on a free loopback port, its log in the
+result directory) or taken at a given URL, swept over every request rate or concurrency with the
+same seed (so every backend sees the same prompts and the same arrival times), then stopped before
+the next one starts: servers never share the machine while measured. The first server is the
+baseline of the ratios. On a machine without CUDA the servers run the Triton backends (slowly)
+under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .client import LoadTestError, check_target
+from .loadgen import LoadConfig, run_benchmark
+
+BACKENDS = ("dense", "sparse24", "fused")
+SWEEPS = ("request_rate", "max_concurrency")
+
+
+@dataclass
+class ServerSpec:
+    label: str
+    backend: str | None  # None: a server at `url`, backend unknown until its /metrics says
+    url: str | None = None
+
+
+def parse_servers(backends: str, urls: list[str]) -> list[ServerSpec]:
+    """'dense,fused' or 'base=dense,dense' -> labelled specs (repeated names get -2, -3, ...);
+    `urls` are LABEL=URL: servers already running (a LABEL also in `backends` takes its URL)."""
+    given = {}
+    for item in urls:
+        label, sep, url = item.partition("=")
+        if not sep or not label or not url:
+            raise ValueError(f"--url takes LABEL=URL, got {item!r}")
+        given[label] = url
+    specs, seen = [], {}
+    for item in (b.strip() for b in backends.split(",") if b.strip()):
+        label, _, backend = item.rpartition("=")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown FFN backend {backend!r}: choose from {', '.join(BACKENDS)}")
+        label = label or backend
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            label = f"{label}-{seen[label]}"
+        specs.append(ServerSpec(label, backend, given.pop(label, None)))
+    specs += [ServerSpec(label, None, url) for label, url in given.items()]
+    if not specs:
+        raise ValueError("nothing to compare: give --backends and/or --url")
+    return specs
+
+
+@dataclass
+class CompareConfig:
+    servers: list[ServerSpec]
+    sweep: str  # a LoadConfig field: request_rate or max_concurrency
+    values: list[float]
+    load: LoadConfig  # the workload; its base_url and the swept field are set per point
+    model: Path | None = None  # checkpoint of the started servers (None: the bundled demo)
+    device: str = "auto"
+    dtype: str = "auto"
+    server_args: list[str] = field(default_factory=list)
+    server_timeout: float = 600.0
+    allow_remote: bool = False
+    result_dir: Path = Path(".")
+
+    def __post_init__(self):
+        if self.sweep not in SWEEPS:
+            raise ValueError(f"sweep must be one of {SWEEPS}, got {self.sweep!r}")
+        if not self.values or any(not v > 0 for v in self.values):
+            raise ValueError(f"the sweep needs positive values, got {self.values}")
+        if self.sweep == "max_concurrency" and any(not float(v).is_integer() for v in self.values):
+            raise ValueError(f"concurrencies must be whole numbers, got {self.values}")
+        for s in self.servers:
+            if s.url is not None:
+                s.url = check_target(s.url, self.allow_remote)
+
+    def point(self, base_url: str, label: str, value: float) -> LoadConfig:
+        v = int(value) if self.sweep == "max_concurrency" else value
+        return dataclasses.replace(self.load, base_url=base_url, label=label, **{self.sweep: v})
+
+    @property
+    def on_cpu(self) -> bool:
+        from elas_serve.utils import resolve_device  # NOTE: imports torch; what the servers pick
+        return resolve_device(self.device).type == "cpu"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ManagedServer:
+    """`elas-serve serve` in a subprocess, up once /health answers 200; SIGTERM (then kill) on exit."""
+
+    def __init__(self, cfg: CompareConfig, spec: ServerSpec, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "elas_serve.cli", "serve", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--ffn-backend", spec.backend, "--device", cfg.device,
+                    "--dtype", cfg.dtype, *(["--model", str(cfg.model)] if cfg.model else []), *cfg.server_args]
+        self.log_path, self.timeout = log_path, cfg.server_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ManagedServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LoadTestError(f"the server exited with code {self.proc.returncode}: {self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2, trust_env=False).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise LoadTestError(f"the server did not answer /health within {self.timeout:.0f} s (log: {self.log_path})")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self) -> str:
+        lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"(empty log {self.log_path})"
+
+
+def run_compare(cfg: CompareConfig, log=print) -> dict[str, Any]:
+    """Every server through the whole sweep; the raw data of the comparison."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    servers = []
+    for spec in cfg.servers:
+        log(f"== {spec.label}: {'starting elas-serve serve --ffn-backend ' + spec.backend if spec.url is None else spec.url}")
+        server = ManagedServer(cfg, spec, cfg.result_dir / f"server_{spec.label}.log") if spec.url is None else None
+        with server or _NoServer():
+            url = server.url if server else spec.url
+            results[spec.label] = []
+            for value in cfg.values:
+                r = asyncio.run(run_benchmark(cfg.point(url, spec.label, value)))
+                results[spec.label].append(r)
+                log(f"   {cfg.sweep}={_fmt(value)}: {r['completed']} ok, {r['failed']} failed, "
+                    f"{r['output_throughput']:.2f} output tok/s, median TTFT {r['median_ttft_ms']:.1f} ms, "
+                    f"median TPOT {r['median_tpot_ms']:.2f} ms")
+        servers.append({"label": spec.label, "backend": spec.backend, "url": spec.url,
+                        "started_by_compare": server is not None, "command": server.cmd[2:] if server else None,
+                        "server_ffn_backend": results[spec.label][-1].get("server_ffn_backend")})
+    load = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg.load).items()
+            if k not in ("base_url", "label", cfg.sweep)}
+    triton_started = any(s["started_by_compare"] and s["backend"] != "dense" for s in servers)
+    return {"sweep": cfg.sweep, "values": cfg.values, "baseline": cfg.servers[0].label, "servers": servers,
+            "model": str(cfg.model) if cfg.model else "bundled demo", "device_arg": cfg.device,
+            "interpreter": bool(triton_started and cfg.on_cpu), "server_args": cfg.server_args,
+            "cpu_count": os.cpu_count(), "load": load, "results": results}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return str(v) if isinstance(v, Path) else v
+
+
+class _NoServer:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
