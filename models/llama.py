@@ -100,13 +100,16 @@ class ElasForCausalLM(nn.Module):
         """Float32 logits (..., vocab) of final hidden states."""
         return F.linear(hidden, self.output_weight).float()
 
-    def set_ffn_backend(self, name: str) -> None:
-        """Route every ELAS FFN through the named backend of `kernels.ffn.FFN_BACKENDS`."""
-        if name not in FFN_BACKENDS:
-            raise ValueError(f"unknown FFN backend {name!r} (available: {', '.join(FFN_BACKENDS)})")
+    def set_ffn_backend(self, backend: str | list[tuple[int, str]]) -> None:
+        """Route every ELAS FFN through a backend of `kernels.ffn.FFN_BACKENDS`, or through a table
+        `[(max_tokens, name), ...]` choosing one by the number of tokens of each call."""
+        table = [(float("inf"), backend)] if isinstance(backend, str) else list(backend)
+        for _, name in table:
+            if name not in FFN_BACKENDS:
+                raise ValueError(f"unknown FFN backend {name!r} (available: {', '.join(FFN_BACKENDS)})")
         for layer in self.model.layers:
             if isinstance(layer.mlp, ElasMLP):
-                layer.mlp.ffn_backend = name
+                layer.mlp.ffn_table = tuple(table)
 
     def set_density_probe(self, enabled: bool) -> list[torch.Tensor]:
         """Start (or stop) recording each ELAS FFN's activation density; returns the shared list."""

@@ -37,16 +37,22 @@ class ElasMLP(nn.Module):
         self.up_proj = Projection(config.hidden_size, width, specs["up_proj"])
         self.down_proj = Projection(width, config.hidden_size, specs["down_proj"])
         self.two_by_four = config.activation_2by4
-        self.ffn_backend = "dense"  # a name in FFN_BACKENDS; "dense" is the autograd-able path
+        # (max tokens, backend name in FFN_BACKENDS) rows: a call with T tokens takes the first row
+        # with T <= max tokens (else the last); "dense" is the autograd-able path
+        self.ffn_table: tuple[tuple[float, str], ...] = ((float("inf"), "dense"),)
         # when a list: each forward appends its activation density (non-zeros after relu², before 2:4)
         self.density_probe: list[torch.Tensor] | None = None
 
+    def _backend(self, num_tokens: int) -> str:
+        return next((name for n, name in self.ffn_table if num_tokens <= n), self.ffn_table[-1][1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ffn_backend != "dense" and not torch.is_grad_enabled():
+        backend = self._backend(x.numel() // x.shape[-1])
+        if backend != "dense" and not torch.is_grad_enabled():
             if self.density_probe is not None:
                 self.density_probe.append((self.up_proj(x) > 0).float().mean())
-            backend = FFN_BACKENDS[self.ffn_backend]
-            return backend(x, self.up_proj.factors(), self.down_proj.factors(), self.two_by_four)
+            fn = FFN_BACKENDS[backend]
+            return fn(x, self.up_proj.factors(), self.down_proj.factors(), self.two_by_four)
         y = torch.relu(self.up_proj(x)).square()  # (..., F)
         if self.density_probe is not None:
             self.density_probe.append((y != 0).float().mean())

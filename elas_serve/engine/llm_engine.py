@@ -20,6 +20,7 @@ from elas_serve.tokenizer import Tokenizer
 from elas_serve.utils import resolve_device, resolve_dtype
 
 from .block_manager import BlockManager
+from .ffn_tuning import describe, tune_ffn_backends
 from .model_runner import ModelRunner, kv_cache_block_bytes
 from .output_processor import OutputProcessor
 from .request import Request, RequestOutput, RequestStatus
@@ -38,7 +39,6 @@ class LLMEngine:
         self.model_name = str(config.model)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.ffn_backend = self._select_ffn_backend(config.ffn_backend)
-        model.set_ffn_backend(self.ffn_backend)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks + 1, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, num_blocks + 1, config.block_size, self.max_model_len,
@@ -61,15 +61,19 @@ class LLMEngine:
         return cls(model, tokenizer, config)
 
     def _select_ffn_backend(self, name: str) -> str:
+        """Route the model's FFNs; returns the backend's description (for logs and metrics)."""
         on_cpu = self.model.output_weight.device.type == "cpu"
         if name in ("sparse24", "fused") and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"--ffn-backend {name} runs Triton kernels: on the CPU they need the "
                              f"interpreter (TRITON_INTERPRET=1 set before start-up); use dense or auto")
-        if name != "auto":
-            return name
-        # NOTE: on CPU the PyTorch reference is the fastest path; the Triton backends pay off
-        # only on GPUs (see docs/benchmarks), so "auto" is "dense" until measured otherwise.
-        return "dense"
+        if name == "auto":
+            # NOTE: on the CPU the Triton backends exist only in the interpreter: dense, unmeasured
+            table = [(self.config.max_num_batched_tokens, "dense")] if on_cpu else tune_ffn_backends(
+                self.model, self.config.max_num_batched_tokens)
+            self.model.set_ffn_backend(table)
+            return describe(table)
+        self.model.set_ffn_backend(name)
+        return name
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
