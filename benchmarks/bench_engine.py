@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, environment, write_results  # noqa: E402
-
 from elas_serve.config import EngineConfig  # noqa: E402
 from elas_serve.engine.llm_engine import LLMEngine  # noqa: E402
 from elas_serve.sampling_params import SamplingParams  # noqa: E402
 from elas_serve.utils import DEMO_CHECKPOINT  # noqa: E402
+
+from common import DOCS, environment, write_results  # noqa: E402
 
 
 def run_round(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dict:

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elas_serve.kernels.paged_attention import (decode_attention_ref, paged_attention_ref,
-                                                store_kvcache_ref)
+from elas_serve.kernels.paged_attention import decode_attention_ref, paged_attention_ref, store_kvcache_ref
 
 from .config import ElasConfig
 from .layers import Projection, ProjSpec, apply_rotary

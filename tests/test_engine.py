@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 import torch
-from authors_ckpt import Variant, write_checkpoint
 
 from elas_serve import LLM, SamplingParams
 from elas_serve.config import EngineConfig
@@ -20,6 +19,8 @@ from elas_serve.engine.llm_engine import LLMEngine
 from elas_serve.errors import InvalidRequestError
 from elas_serve.models import load_model
 from elas_serve.tokenizer import Tokenizer
+
+from authors_ckpt import Variant, write_checkpoint
 
 VOCAB = 320
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from authors_ckpt import Variant, write_checkpoint
 
 from elas_serve.engine.ffn_tuning import describe, tune_ffn_backends
 from elas_serve.kernels import ffn as ffn_module
 from elas_serve.models import load_model
+
+from authors_ckpt import Variant, write_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ import shutil
 
 import pytest
 import torch
-from authors_ckpt import Variant, write_checkpoint
 
-from elas_serve.cli import main
 from elas_serve import LLM, SamplingParams
+from elas_serve.cli import main
 from elas_serve.models import load_model
 from elas_serve.tokenizer import Tokenizer
+
+from authors_ckpt import Variant, write_checkpoint
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from authors_ckpt import Variant, write_checkpoint
 from server_utils import MODEL_NAME, ServerThread
 

@@ -13,11 +13,12 @@ import sys
 
 import pytest
 import torch
-from authors_ckpt import Variant, write_checkpoint
 from safetensors.torch import load_file, save_file
 
 from elas_serve.cli import main
 from elas_serve.models import CheckpointError, load_model
+
+from authors_ckpt import Variant, write_checkpoint
 
 
 def _edit_weights(path, fn):

@@ -11,9 +11,10 @@ import json
 
 import pytest
 import torch
-from authors_ckpt import Variant, make_config, reference_logits, write_checkpoint
 
 from elas_serve.models import AttentionMetadata, load_model
+
+from authors_ckpt import Variant, make_config, reference_logits, write_checkpoint
 
 VARIANTS = [
     Variant("loro_all"),

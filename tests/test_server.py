@@ -13,6 +13,7 @@ import time
 import httpx
 import openai
 import pytest
+
 from authors_ckpt import Variant, write_checkpoint
 from server_utils import MODEL_NAME, ServerThread
 

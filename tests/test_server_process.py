@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+
 from authors_ckpt import Variant, write_checkpoint
 
 

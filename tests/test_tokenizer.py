@@ -9,10 +9,11 @@ import json
 import random
 
 import pytest
-from conftest import TEXT, train_tokenizer
 
 from elas_serve.models import CheckpointError
 from elas_serve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+from conftest import TEXT, train_tokenizer
 
 SAMPLES = ["Hello world, it is a truth.", "Café naïve 東京 🙂 and more 🙂🙂!", "  two  spaces\nnewline\ttab",
            "single man in possession of a good fortune"]

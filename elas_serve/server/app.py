@@ -27,8 +27,14 @@ from elas_serve.errors import InvalidRequestError
 from .chat import create_chat_completion, render_chat
 from .completions import create_completion
 from .metrics import PrometheusMetrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
-                       TokenizeRequest, error_body)
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    TokenizeRequest,
+    error_body,
+)
 from .serving import ModelNotFound, ServerState, ServiceUnavailable
 
 OPEN_PATHS = ("/health", "/metrics")  # no API key needed

@@ -20,8 +20,18 @@ from elas_serve.errors import InvalidRequestError
 
 from .completions import sse
 from .protocol import ChatCompletionRequest, ChatMessage, error_body
-from .serving import (Choice, ServerState, SSEResponse, clamp, client_gone, collect, make_children,
-                      merged_stream, submit, token_str)
+from .serving import (
+    Choice,
+    ServerState,
+    SSEResponse,
+    clamp,
+    client_gone,
+    collect,
+    make_children,
+    merged_stream,
+    submit,
+    token_str,
+)
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
                   "{% if add_generation_prompt %}assistant:{% endif %}")

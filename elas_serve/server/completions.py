@@ -19,8 +19,18 @@ from fastapi.responses import JSONResponse
 from elas_serve.engine.request import TokenLogprob
 
 from .protocol import CompletionRequest, error_body
-from .serving import (Choice, ServerState, SSEResponse, clamp, client_gone, collect, make_children,
-                      merged_stream, submit, token_str)
+from .serving import (
+    Choice,
+    ServerState,
+    SSEResponse,
+    clamp,
+    client_gone,
+    collect,
+    make_children,
+    merged_stream,
+    submit,
+    token_str,
+)
 
 
 def completion_logprobs(state: ServerState, token_ids: list[int], entries: list[TokenLogprob | None],
