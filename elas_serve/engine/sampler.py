@@ -62,7 +62,8 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         cum = sorted_probs.cumsum(-1)
-        drop = cum - sorted_probs > params.top_p * cum[-1]  # keep the smallest set reaching top_p
+        before = torch.cat((cum.new_zeros(1), cum[:-1]))  # mass of the more likely tokens
+        drop = before >= params.top_p * cum[-1]  # keep the smallest set reaching top_p
         probs = probs.scatter(0, order[drop], 0.0)
     return probs
 
