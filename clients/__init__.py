@@ -1,1 +1,13 @@
-"""Clients of the elas-serve HTTP API (installed as elas_serve.clients)."""
+"""Clients of the elas-serve HTTP API (installed as elas_serve.clients): `elas-loadtest`.
+
+  cli.py             argparse entry point: `elas-loadtest run` and `elas-loadtest compare`
+  loadgen.py         one load-test run: arrivals, concurrency, bounds, the result dict
+  client.py          HTTP: loopback guard, server info, one timed streaming request, /metrics scrapes
+  metrics.py         TTFT / TPOT / ITL / E2EL, throughputs and goodput as vLLM's `bench serve` defines them
+  dataset.py         random token-id prompts and prompts files
+  report.py          the summary table and the result JSON of a run
+  compare.py         the same sweep against servers of several FFN backends
+  compare_report.py  JSON + markdown ratios + PNG plots of a comparison
+
+Importing this package does not import torch (only `compare` does, to start servers).
+"""

@@ -11,6 +11,7 @@ under the Triton interpreter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import os
@@ -154,9 +155,9 @@ def run_compare(cfg: CompareConfig, log=print) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {}
     servers = []
     for spec in cfg.servers:
-        log(f"== {spec.label}: {'starting elas-serve serve --ffn-backend ' + spec.backend if spec.url is None else spec.url}")
-        server = ManagedServer(cfg, spec, cfg.result_dir / f"server_{spec.label}.log") if spec.url is None else None
-        with server or _NoServer():
+        server = None if spec.url else ManagedServer(cfg, spec, cfg.result_dir / f"server_{spec.label}.log")
+        log(f"== {spec.label}: " + (spec.url or f"starting elas-serve serve --ffn-backend {spec.backend}"))
+        with server or contextlib.nullcontext():
             url = server.url if server else spec.url
             results[spec.label] = []
             for value in cfg.values:
@@ -181,14 +182,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and math.isinf(v):
         return "inf"
     return str(v) if isinstance(v, Path) else v
-
-
-class _NoServer:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _fmt(v: float) -> str:
