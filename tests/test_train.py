@@ -131,3 +131,25 @@ def test_loro_init_gives_products_of_init_std():
     assert product.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.equal(model.model.norm.weight, torch.ones(256))
+
+
+def test_demo_checkpoint_is_a_trained_english_model(capsys):
+    """The bundled default model: it reads English far better than the same words shuffled."""
+    from elas_serve.utils import DEMO_CHECKPOINT
+
+    model, tok = load_model(DEMO_CHECKPOINT), Tokenizer.from_path(DEMO_CHECKPOINT)
+    text = ("The weather was fine, and she walked to the village with her sister to visit their "
+            "friends, who were very glad to see them.")
+
+    def loss(s: str) -> float:
+        ids = torch.tensor([tok.encode(s)])
+        with torch.no_grad():
+            logits = model.compute_logits(model(ids, torch.arange(ids.shape[1])[None]))
+        return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
+
+    words = text.split()
+    shuffled = " ".join(words[1::2] + words[::2])
+    assert loss(text) < 5.0 < loss(shuffled) - 1.0
+    assert cli_main(["generate", "--prompt", "It is a truth universally", "--max-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("It is a truth universally") and len(out.split()) >= 15
