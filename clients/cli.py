@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--server-timeout", type=float, default=600.0, help="seconds a server may take to start")
     cmp.add_argument("--result-dir", type=Path, default=Path("."))
     cmp.add_argument("--result-filename", default=None, help="file stem (default loadtest_<servers>_<device>)")
+    cmp.add_argument("--server-log-dir", type=Path, default=None, help="server logs (default: --result-dir)")
     _add_workload_args(cmp)
     return parser
 
@@ -143,7 +144,7 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = CompareConfig(servers=servers, sweep=sweep, values=values, load=load, model=args.model,
                         device=args.device, dtype=args.dtype, server_args=shlex.split(args.server_args),
                         server_timeout=args.server_timeout, allow_remote=args.allow_remote,
-                        result_dir=args.result_dir)
+                        result_dir=args.result_dir, log_dir=args.server_log_dir)
     data = run_compare(cfg)
     data["environment"] = environment(cfg.on_cpu)
     data["command"] = shlex.join(["elas-loadtest", *argv])

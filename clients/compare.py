@@ -78,6 +78,7 @@ class CompareConfig:
     server_timeout: float = 600.0
     allow_remote: bool = False
     result_dir: Path = Path(".")
+    log_dir: Path | None = None  # server logs (default: result_dir)
 
     def __post_init__(self):
         if self.sweep not in SWEEPS:
@@ -155,7 +156,8 @@ def run_compare(cfg: CompareConfig, log=print) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {}
     servers = []
     for spec in cfg.servers:
-        server = None if spec.url else ManagedServer(cfg, spec, cfg.result_dir / f"server_{spec.label}.log")
+        log_path = (cfg.log_dir or cfg.result_dir) / f"server_{spec.label}.log"
+        server = None if spec.url else ManagedServer(cfg, spec, log_path)
         log(f"== {spec.label}: " + (spec.url or f"starting elas-serve serve --ffn-backend {spec.backend}"))
         with server or contextlib.nullcontext():
             url = server.url if server else spec.url
