@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ class ManagedServer:
         return lines[-1] if lines else f"(empty log {self.log_path})"
 
 
-def run_compare(cfg: CompareConfig, log=print) -> dict[str, Any]:
+def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every server through the whole sweep; the raw data of the comparison."""
     results: dict[str, list[dict[str, Any]]] = {}
     servers = []

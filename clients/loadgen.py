@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -105,7 +106,7 @@ def make_dataset(cfg: LoadConfig, info: ServerInfo) -> RandomDataset | PromptsFi
 
 
 class _Runner:
-    def __init__(self, cfg: LoadConfig, client, model: str):
+    def __init__(self, cfg: LoadConfig, client: httpx.AsyncClient, model: str):
         self.cfg, self.client, self.model = cfg, client, model
         self.url = cfg.base_url + cfg.endpoint
         self.sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
@@ -117,7 +118,8 @@ class _Runner:
             body["ignore_eos"] = True
         return body
 
-    async def send(self, s: SampleRequest, deadline: float = math.inf, pbar=None) -> RequestResult | None:
+    async def send(self, s: SampleRequest, deadline: float = math.inf, pbar: tqdm | None = None
+                   ) -> RequestResult | None:
         """One request, after its concurrency slot; None when the slot came after the deadline."""
         arrival = time.perf_counter()
         if self.sem is not None:
@@ -134,7 +136,7 @@ class _Runner:
             pbar.update(1)
         return result
 
-    async def run(self, dataset) -> tuple[list[RequestResult], float]:
+    async def run(self, dataset: RandomDataset | PromptsFile) -> tuple[list[RequestResult], float]:
         cfg = self.cfg
         offsets = arrival_offsets(cfg.num_prompts, cfg.request_rate, cfg.burstiness, cfg.seed)
         pbar = tqdm(total=cfg.num_prompts, desc="requests", unit="req", disable=cfg.disable_tqdm)
