@@ -41,9 +41,9 @@ LABELS = {"elas": "ELAS (relu2 + 2:4)", "elas_no2by4": "ELAS without 2:4 (--no-2
 
 
 def shared_settings(args: argparse.Namespace) -> dict:
-    return {"preset": "tiny", "lowrank_scope": "all", "seq_len": 256, "batch_size": 16,
+    return {"preset": "tiny", "lowrank_scope": "all", "seq_len": 256, "batch_size": args.batch_size,
             "max_steps": args.steps, "warmup_steps": args.steps // 10, "lr": 2e-3,
-            "eval_interval": args.steps // 3, "eval_batches": 8, "log_interval": 10,
+            "eval_interval": args.steps // 2, "eval_batches": 4, "log_interval": 5,
             "num_threads": args.threads, "progress": False}
 
 
@@ -149,6 +149,25 @@ def render_markdown(result: dict) -> str:
             a, b = key.removeprefix("delta_").split("_minus_")
             per = ", ".join(f"{d:+.4f}" for d in s["per_seed"])
             lines.append(f"| {a} - {b} | {s['mean']:+.4f} | {s['std']:.4f} | {per} |")
+    d = summary.get("delta_elas_minus_elas_no2by4")
+    if d:
+        worse = sum(x > 0 for x in d["per_seed"])
+        lines += ["", "## What this shows", "",
+                  f"- The cost of 2:4: ELAS minus the same model without 2:4 is {d['mean']:+.4f} "
+                  f"nats (std {d['std']:.4f} over {d['n']} paired seeds); 2:4 was worse on "
+                  f"{worse} of {d['n']} seeds. At this scale and budget we see no degradation from "
+                  f"2:4: the difference is small next to the spread between seeds, so it does not "
+                  f"show that 2:4 helps either. This is consistent with the paper's claim of "
+                  f"minimal degradation.",
+                  "- The comparison with low-rank SwiGLU is at about the same parameter count (ELAS "
+                  "width = 1.5 x the SwiGLU width; see the params column). Over this short run the "
+                  "squared-ReLU FFN learned "
+                  + ("faster" if summary["delta_elas_no2by4_minus_swiglu"]["mean"] < 0 else "slower")
+                  + ". That is an early-training result and says nothing about converged quality.",
+                  f"- Caveats: a 3.3M-parameter model, {st['max_steps']} steps "
+                  f"({st['max_steps'] * st['batch_size'] * st['seq_len']:,} tokens, under half an "
+                  f"epoch), on a shared 2-core CPU. These runs are far from convergence, and the "
+                  f"paper's 60M-1B GPU runs were not reproduced here."]
     lines += ["", "![held-out loss per variant and training curves](replicate_2by4.png)", ""]
     return "\n".join(lines)
 
@@ -199,6 +218,7 @@ def print_table(result: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--render-only", action="store_true", help="redraw md/png from the JSON")
