@@ -12,16 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from authors_ckpt import Variant, make_config
-from conftest import TEXT
 
 from elas_serve.cli import main as cli_main
 from elas_serve.models import load_model, save_checkpoint
+from elas_serve.tokenizer import Tokenizer
 from elas_serve.train import TrainConfig
 from elas_serve.train.data import prepare_shards
 from elas_serve.train.evaluate import evaluate
 from elas_serve.train.presets import build_model, init_weights
-from elas_serve.tokenizer import Tokenizer
+
+from authors_ckpt import Variant, make_config
+from conftest import TEXT
 
 # A model small enough for a few CPU seconds: hidden 64, 2 layers, LORO ranks 16 / 24.
 TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_tokenizer
 from safetensors.torch import load_file
 from test_train import run_train
 
@@ -31,6 +30,8 @@ from elas_serve.train.config import TrainConfig
 from elas_serve.train.corpus import CORPORA, fetch_corpus
 from elas_serve.train.data import get_batch, prepare_shards
 from elas_serve.train.trainer import lr_at
+
+from conftest import train_tokenizer
 
 DOCS = {"novel": ["CHAPTER 1", "", "It is a truth universally acknowledged.", "Café naïve."],
         "other": ["Another book.", "", "With two paragraphs."]}

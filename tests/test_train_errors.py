@@ -6,10 +6,11 @@ Run: python -m pytest tests/test_train_errors.py -v
 from __future__ import annotations
 
 import pytest
-from conftest import train_tokenizer
 from test_train import run_train, write_corpus
 
 from elas_serve.cli import main as cli_main
+
+from conftest import train_tokenizer
 
 
 def one_error_line(capsys) -> str:
