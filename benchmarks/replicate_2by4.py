@@ -17,20 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from elas_serve.train import TrainConfig, train
-from elas_serve.train.metrics import read_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from elas_serve.train import TrainConfig, train  # noqa: E402
+from elas_serve.train.metrics import read_metrics  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks"
+from common import DOCS, ROOT, environment  # noqa: E402
+
 VARIANTS = {  # name -> TrainConfig overrides; everything else is shared
     "elas": {"ffn": "relu2", "two_by_four": True},
     "elas_no2by4": {"ffn": "relu2", "two_by_four": False},
@@ -77,7 +75,7 @@ def run_all(args: argparse.Namespace) -> dict:
                             "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed_s"],
                             "dense_warmup_steps": state["train_config"]["dense_warmup_steps"],
                             "train_loss_curve": curve})
-    return {"meta": environment(args, shared), "runs": results, "summary": summarize(results)}
+    return {"meta": run_environment(args, shared), "runs": results, "summary": summarize(results)}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -101,16 +99,9 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def environment(args: argparse.Namespace, shared: dict) -> dict:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    return {"device": f"CPU: {cpu}", "cpu_count": os.cpu_count(),
-            "torch_threads_per_run": args.threads, "torch": torch.__version__,
-            "python": platform.python_version(), "commit": git("rev-parse", "--short", "HEAD"),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seeds": args.seeds,
+def run_environment(args: argparse.Namespace, shared: dict) -> dict:
+    return {**environment(torch.device("cpu")), "cpu_count": os.cpu_count(),
+            "torch_threads_per_run": args.threads, "seeds": args.seeds,
             "settings": shared, "corpus": "Jane Austen, 5 novels train / Persuasion held out",
             "command": "python benchmarks/replicate_2by4.py " + " ".join(sys.argv[1:])}
 
