@@ -1,4 +1,4 @@
-"""`elas-loadtest` command line (`run`, `compare`): argparse lives here and nowhere else.
+"""`elas-loadtest` command line (`run`, `compare`, `report`): argparse lives here and nowhere else.
 
 Flags carry vLLM `bench serve`'s names wherever it has one, so scripts carry over.
 Exit codes: 0 done; 1 the run could not start or no request succeeded (one line says why);
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--result-filename", default=None, help="file stem (default loadtest_<servers>_<device>)")
     cmp.add_argument("--server-log-dir", type=Path, default=None, help="server logs (default: --result-dir)")
     _add_workload_args(cmp)
+
+    rep = sub.add_parser("report", help="write a comparison's markdown and PNG again from its JSON")
+    rep.add_argument("json", type=Path)
     return parser
 
 
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "report":
+            from .compare_report import rewrite
+            print(f"rewrote the markdown and PNG of {rewrite(args.json)}")
+            return 0
         return cmd_compare(args, argv)
     except ValueError as e:
         print(f"elas-loadtest: error: {e}", file=sys.stderr)

@@ -46,6 +46,16 @@ def environment(on_cpu: bool) -> dict[str, Any]:
             "commit": "unknown (not a source checkout)"}
 
 
+def rewrite(json_path: Path) -> Path:
+    """The markdown and PNG again from a comparison's JSON (e.g. after a change of layout)."""
+    try:
+        data = json.loads(json_path.read_text())
+        stem = data["stem"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{json_path} is not the JSON of an `elas-loadtest compare`") from None
+    return write(stem, data, json_path.parent)
+
+
 def write(stem: str, data: dict[str, Any], out_dir: Path) -> Path:
     """`<stem>.json`, `<stem>.md` and `<stem>.png` in out_dir; returns the JSON path."""
     data = {**data, "stem": stem}
@@ -165,9 +175,11 @@ def plot(data: dict[str, Any], path: Path) -> bool:
             ax.plot(x, y, "o-", label=label)
             for xi, yi, v in zip(x, y, data["values"]):
                 ax.annotate(_value(v), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        positive = [y for y in ys if y > 0]
-        if positive and max(positive) / min(positive) > 20:
-            ax.set_yscale("log")
+        xs = [r["output_throughput"] for rows in data["results"].values() for r in rows]
+        for values, set_scale in ((ys, ax.set_yscale), (xs, ax.set_xscale)):
+            positive = [v for v in values if v > 0]
+            if positive and max(positive) / min(positive) > 20:  # backends far apart: log scale
+                set_scale("log")
         ax.set(xlabel="output throughput (tok/s)", ylabel="ms", title=title)
         ax.grid(alpha=0.3)
         ax.legend()

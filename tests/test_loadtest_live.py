@@ -124,6 +124,9 @@ def test_compare_two_servers_by_url(server, tmp_path, capsys):
     assert "## Ratios to `a`" in md and "| 2 | b |" in md and "cmp.png" in md
     assert (tmp_path / "cmp.png").stat().st_size > 0
     assert "| 1 | b |" in out
+    (tmp_path / "cmp.md").unlink()
+    assert main(["report", str(tmp_path / "cmp.json")]) == 0  # markdown made again from the JSON
+    assert (tmp_path / "cmp.md").read_text() == md
 
 
 def test_compare_reports_a_server_that_cannot_start(tmp_path, capsys):
