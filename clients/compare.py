@@ -166,7 +166,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[
             for value in cfg.values:
                 r = asyncio.run(run_benchmark(cfg.point(url, spec.label, value)))
                 results[spec.label].append(r)
-                log(f"   {cfg.sweep}={_fmt(value)}: {r['completed']} ok, {r['failed']} failed, "
+                log(f"   {cfg.sweep}={format_value(value)}: {r['completed']} ok, {r['failed']} failed, "
                     f"{r['output_throughput']:.2f} output tok/s, median TTFT {r['median_ttft_ms']:.1f} ms, "
                     f"median TPOT {r['median_tpot_ms']:.2f} ms")
         servers.append({"label": spec.label, "backend": spec.backend, "url": spec.url,
@@ -187,5 +187,6 @@ def _jsonable(v: Any) -> Any:
     return str(v) if isinstance(v, Path) else v
 
 
-def _fmt(v: float) -> str:
+def format_value(v: float) -> str:
+    """A swept value as written: 4, 0.5."""
     return str(int(v)) if float(v).is_integer() else f"{v:g}"

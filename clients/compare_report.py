@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .compare import format_value
 from .metrics import percentile_key
 
 COMMON = Path(__file__).resolve().parent.parent / "benchmarks" / "common.py"
@@ -72,10 +73,6 @@ def write(stem: str, data: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def _value(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
-
-
 def _hi(data: dict[str, Any]) -> str:
     """Key prefix of the highest percentile reported ('p99')."""
     return percentile_key(max(float(p) for p in data["load"]["metric_percentiles"]))
@@ -95,7 +92,7 @@ def ratio_table(data: dict[str, Any]) -> list[str]:
                 continue
             r = rows[i]
             cells = [f"{r[k] / b[k]:.3g}x" if b.get(k) and r.get(k) is not None else "n/a" for k, _ in cols]
-            lines.append(f"| {_value(v)} | {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {format_value(v)} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -113,7 +110,7 @@ def absolute_table(data: dict[str, Any]) -> list[str]:
         for label, rows in data["results"].items():
             r = rows[i]
             cells = [f"{r[k]:.{d}f}" if r.get(k) is not None else "n/a" for k, _, d in cols]
-            lines.append(f"| {_value(v)} | {label} | {r['completed']} / {r['failed']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {format_value(v)} | {label} | {r['completed']} / {r['failed']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -174,7 +171,7 @@ def plot(data: dict[str, Any], path: Path) -> bool:
             ys += y
             ax.plot(x, y, "o-", label=label)
             for xi, yi, v in zip(x, y, data["values"]):
-                ax.annotate(_value(v), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.annotate(format_value(v), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
         xs = [r["output_throughput"] for rows in data["results"].values() for r in rows]
         for values, set_scale in ((ys, ax.set_yscale), (xs, ax.set_xscale)):
             positive = [v for v in values if v > 0]
