@@ -110,7 +110,8 @@ def absolute_table(data: dict[str, Any]) -> list[str]:
         for label, rows in data["results"].items():
             r = rows[i]
             cells = [f"{r[k]:.{d}f}" if r.get(k) is not None else "n/a" for k, _, d in cols]
-            lines.append(f"| {format_value(v)} | {label} | {r['completed']} / {r['failed']} | " + " | ".join(cells) + " |")
+            counts = f"{r['completed']} / {r['failed']}"
+            lines.append(f"| {format_value(v)} | {label} | {counts} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -23,8 +23,15 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from .client import LoadTestError, ServerInfo, make_client, metrics_delta, scrape_metrics, server_info, \
-    stream_completion
+from .client import (
+    LoadTestError,
+    ServerInfo,
+    make_client,
+    metrics_delta,
+    scrape_metrics,
+    server_info,
+    stream_completion,
+)
 from .dataset import PromptsFile, RandomDataset, SampleRequest
 from .metrics import METRICS, RequestResult, calculate_metrics, result_fields, tpot
 
@@ -60,7 +67,8 @@ class LoadConfig:
         checks = [
             (self.num_prompts >= 1, f"--num-prompts must be at least 1, got {self.num_prompts}"),
             (self.duration is None or self.duration > 0, f"--duration must be positive, got {self.duration}"),
-            (self.request_rate > 0, f"--request-rate must be positive (inf: all at once), got {self.request_rate}"),
+            (self.request_rate > 0,
+             f"--request-rate must be positive (inf: all at once), got {self.request_rate}"),
             (self.burstiness > 0, f"--burstiness must be positive, got {self.burstiness}"),
             (self.max_concurrency is None or self.max_concurrency >= 1,
              f"--max-concurrency must be at least 1, got {self.max_concurrency}"),

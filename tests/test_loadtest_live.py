@@ -12,14 +12,15 @@ import json
 import shutil
 
 import pytest
-from authors_ckpt import Variant, write_checkpoint
-from server_utils import ServerThread
 
 from elas_serve.clients.cli import main
 from elas_serve.clients.client import LoadTestError
 from elas_serve.clients.compare import free_port
 from elas_serve.clients.loadgen import LoadConfig, run_benchmark
 from elas_serve.utils import DEMO_CHECKPOINT
+
+from authors_ckpt import Variant, write_checkpoint
+from server_utils import ServerThread
 
 VLLM_KEYS = ("date", "backend", "model_id", "num_prompts", "request_rate", "burstiness", "max_concurrency",
              "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
