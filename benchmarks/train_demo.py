@@ -14,23 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from elas_serve.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from elas_serve import LLM, SamplingParams  # noqa: E402
+from elas_serve.models import load_model  # noqa: E402
 from elas_serve.tokenizer import Tokenizer
 from elas_serve.train.data import TokenSplit, encode_documents, read_texts
 from elas_serve.train.evaluate import evaluate
 from elas_serve.utils import DEMO_CHECKPOINT
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks"
+from common import DOCS, ROOT, environment  # noqa: E402
+
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.json")
 MAX_BYTES = 15_000_000
 PROMPTS = [("It is a truth universally", 0.0, None), ("Mr. Darcy", 0.8, 1),
@@ -46,23 +47,6 @@ def install(run: Path) -> None:
         shutil.copyfile(run / f, DEMO_CHECKPOINT / f)
     if (run / "loss_curve.png").exists():
         shutil.copyfile(run / "loss_curve.png", DOCS / "demo_loss_curve.png")
-
-
-def complete(model, tok: Tokenizer, prompt: str, max_tokens: int, temperature: float,
-             seed: int | None) -> str:
-    """Plain full-recompute sampling (independent of the serving engine)."""
-    g = torch.Generator().manual_seed(seed) if seed is not None else None
-    ids = tok.encode(prompt)
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            x = torch.tensor([ids])
-            logits = model.compute_logits(model(x, torch.arange(len(ids))[None]))[0, -1]
-            nxt = int(logits.argmax()) if temperature == 0 else int(torch.multinomial(
-                torch.softmax(logits / temperature, -1), 1, generator=g))
-            if nxt in tok.eos_token_ids:
-                break
-            ids.append(nxt)
-    return tok.decode(ids)
 
 
 def main() -> None:
@@ -83,11 +67,11 @@ def main() -> None:
                        sum(len(text.encode("utf-8")) for _, text in docs))
     t0 = time.perf_counter()
     res = evaluate(model, split, state["train_config"]["seq_len"], 16, torch.device("cpu"))
+    llm = LLM(DEMO_CHECKPOINT)  # samples as the server makes them
     samples = [{"prompt": pr, "temperature": t, "seed": s,
-                "text": complete(model, tok, pr, args.max_tokens, t, s)} for pr, t, s in PROMPTS]
+                "text": pr + llm.generate(pr, SamplingParams(temperature=t, seed=s, max_tokens=args.max_tokens),
+                                          use_tqdm=False)[0].outputs[0].text} for pr, t, s in PROMPTS]
     sizes = {f: (DEMO_CHECKPOINT / f).stat().st_size for f in FILES}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     result = {
         "checkpoint": "elas_serve/assets/demo", "bytes": sizes, "total_bytes": sum(sizes.values()),
         "num_parameters": state["num_parameters"], "train_config": state["train_config"],
@@ -96,9 +80,7 @@ def main() -> None:
                           for pth, _ in docs],
         "heldout_eval": res.to_dict(), "heldout_bytes": split.num_bytes,
         "eval_seconds": time.perf_counter() - t0, "samples": samples,
-        "env": {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
-                "python": platform.python_version(), "commit": commit,
-                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}}
+        "env": environment(torch.device("cpu"))}
     (DOCS / "demo_checkpoint.json").write_text(json.dumps(result, indent=1) + "\n")
     (DOCS / "demo_checkpoint.md").write_text(render(result))
     print(f"demo checkpoint: {result['num_parameters']:,} parameters, {result['total_bytes']:,} "
