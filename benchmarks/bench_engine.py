@@ -4,7 +4,8 @@ For each concurrency c, c requests (distinct random prompts of --input-len token
 --output-len greedy tokens each: `ignore_eos`) are submitted at once to one engine and run to
 completion; output tokens/s is total output tokens over the wall time of that round. Per-request
 TTFT, TPOT (= (last token - first token) / (n - 1)) and end-to-end latency come from the engine's
-own timestamps. Writes docs/benchmarks/engine_<device>.{json,md,png}.
+own timestamps. Each level runs --rounds times (fresh prompts each time); the table reports the
+round of median throughput, the JSON keeps every round. Writes docs/benchmarks/engine_<device>.{json,md,png}.
 
 Run: python benchmarks/bench_engine.py [--model DIR] [--concurrency 1,2,4,8,16,32]
 """
@@ -56,7 +57,8 @@ def markdown(data: dict) -> str:
     env, rows = data["environment"], data["results"]
     lines = [f"# Engine throughput vs concurrency ({env['device']})", "",
              f"Model `{data['model']}`, {data['input_len']} prompt tokens, {data['output_len']} output tokens "
-             f"per request, greedy, dtype {data['dtype']}, FFN backend `{data['ffn_backend']}`. "
+             f"per request, greedy, dtype {data['dtype']}, FFN backend `{data['ffn_backend']}`; each row is "
+             f"the median-throughput round of {data['rounds']} (all rounds in the JSON). "
              f"torch {env['torch']}, triton {env['triton']}, {env['cpu_threads']} CPU threads, commit "
              f"`{env['commit']}`, {env['date']}. Raw: `{data['stem']}.json`; made by "
              "`benchmarks/bench_engine.py`.", "",
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--ffn-backend", default="auto")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stem", default=None, help="output file stem (default engine_<device type>)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -109,15 +112,19 @@ def main() -> None:
     run_round(engine, [torch.randint(1, vocab, (args.input_len,), generator=g).tolist()], 8)  # warm-up
     results = []
     for c in levels:
-        prompts = [torch.randint(1, vocab, (args.input_len,), generator=g).tolist() for _ in range(c)]
-        results.append(run_round(engine, prompts, args.output_len))
-        r = results[-1]
-        print(f"concurrency {c:3d}: {r['output_tokens_per_s']:8.1f} output tok/s, "
+        rounds = [run_round(engine, [torch.randint(1, vocab, (args.input_len,), generator=g).tolist()
+                                     for _ in range(c)], args.output_len) for _ in range(args.rounds)]
+        rounds.sort(key=lambda r: r["output_tokens_per_s"])
+        r = {**rounds[len(rounds) // 2], "rounds_output_tokens_per_s": [x["output_tokens_per_s"] for x in rounds]}
+        results.append(r)
+        print(f"concurrency {c:3d}: {r['output_tokens_per_s']:8.1f} output tok/s (median of "
+              f"{', '.join(f'{x:.1f}' for x in r['rounds_output_tokens_per_s'])}), "
               f"TPOT {r['mean_tpot_ms']:.2f} ms, TTFT {r['mean_ttft_ms']:.1f} ms", flush=True)
     stem = args.stem or f"engine_{device.type}"
     data = {"stem": stem, "model": Path(args.model).name, "input_len": args.input_len,
             "output_len": args.output_len, "dtype": str(engine.model.output_weight.dtype).replace("torch.", ""),
-            "ffn_backend": engine.ffn_backend, "environment": environment(device), "results": results}
+            "ffn_backend": engine.ffn_backend, "rounds": args.rounds, "environment": environment(device),
+            "results": results}
     if 1 in levels and 16 in levels:
         ratio = results[levels.index(16)]["output_tokens_per_s"] / results[levels.index(1)]["output_tokens_per_s"]
         data["ratio_16_vs_1"] = ratio
