@@ -100,12 +100,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--ffn-backend", default="auto")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cpu-threads", type=int, default=None, help="default: the engine's (all cores but one)")
     ap.add_argument("--stem", default=None, help="output file stem (default engine_<device type>)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     engine = LLMEngine.from_config(EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, ffn_backend=args.ffn_backend,
-        max_num_seqs=max(levels), max_model_len=args.input_len + args.output_len))
+        max_num_seqs=max(levels), max_model_len=args.input_len + args.output_len, cpu_threads=args.cpu_threads))
     device = engine.model.output_weight.device
     vocab = engine.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
