@@ -8,6 +8,7 @@ Run: python -m pytest tests/test_model.py -v
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def report_errors():
 @pytest.mark.parametrize("load_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
 def test_logits_match_float64_reference(tmp_path, variant, load_dtype):
-    sd = write_checkpoint(tmp_path, variant, seed=hash(variant.name) % 1000)
+    sd = write_checkpoint(tmp_path, variant, seed=zlib.crc32(variant.name.encode()) % 1000)  # stable seed
     model = load_model(tmp_path, dtype=load_dtype)
     assert all(p.dtype == load_dtype for p in model.parameters())
     ids = torch.randint(0, variant.vocab, (23,), generator=torch.Generator().manual_seed(1)).tolist()
