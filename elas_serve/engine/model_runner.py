@@ -131,7 +131,7 @@ class ModelRunner:
                 r.params, r.prompt_token_ids, r.output_token_ids,
                 r.eos_token_ids + r.params.stop_token_ids if r.num_output_tokens < r.params.min_tokens else [],
                 self._generator(r)) for r in reqs]
-            tokens = sample(logits[:len(reqs)].clone() if want_lp else logits[:len(reqs)], sampling_rows)
+            tokens = sample(logits[:len(reqs)], sampling_rows)  # NOTE: edits logits, not the logprobs made above
             result.sampled = {r.request_id: t for r, t in zip(reqs, tokens)}
             lp_reqs = [(i, r) for i, r in enumerate(reqs) if r.params.logprobs is not None]
             if lp_reqs:
@@ -142,6 +142,5 @@ class ModelRunner:
             scored = [req.all_token_ids[idx] for _, req, idx in prompt_rows]
             lps = token_logprobs(logprobs[len(reqs):], scored, [req.params.prompt_logprobs for _, req, _ in prompt_rows])
             for (_, req, idx), lp in zip(prompt_rows, lps):
-                first, items = result.prompt_logprobs.setdefault(req.request_id, (idx, []))
-                items.append(lp)
+                result.prompt_logprobs.setdefault(req.request_id, (idx, []))[1].append(lp)
         return result
