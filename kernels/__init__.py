@@ -5,8 +5,16 @@ The references are both the CPU path and the test oracle; the Triton versions ar
 
 from .ffn import FFN_BACKENDS, ffn_dense, ffn_fused, ffn_sparse24, project
 from .ffn_fused import relu2_sparse24_ffn, relu2_sparse24_ffn_ref
-from .relu2_sparse24 import (Sparse24, relu2_sparse24_compress, relu2_sparse24_pruned, relu2_sparse24_ref,
-                             sparse24_compress_ref, sparse24_decompress_ref, sparse24_keep_mask, sparse24_ref)
+from .relu2_sparse24 import (
+                             Sparse24,
+                             relu2_sparse24_compress,
+                             relu2_sparse24_pruned,
+                             relu2_sparse24_ref,
+                             sparse24_compress_ref,
+                             sparse24_decompress_ref,
+                             sparse24_keep_mask,
+                             sparse24_ref,
+)
 from .sparse24_matmul import sparse24_matmul, sparse24_matmul_ref
 
 __all__ = [

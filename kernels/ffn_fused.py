@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from .relu2_sparse24 import relu2, relu2_sparse24_ref, top2_of_4
-from .triton_utils import check_operands, dot_acc, num_splits as default_splits, round_to, upcast_dots
+from .triton_utils import check_operands, dot_acc, round_to, upcast_dots
+from .triton_utils import num_splits as default_splits
 
 
 def relu2_sparse24_ffn_ref(a: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .relu2_sparse24 import Sparse24, sparse24_decompress_ref
-from .triton_utils import check_operands, dot_acc, num_splits as default_splits, round_to, upcast_dots
+from .triton_utils import check_operands, dot_acc, round_to, upcast_dots
+from .triton_utils import num_splits as default_splits
 
 
 def sparse24_matmul_ref(a: Sparse24, w: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,12 @@ import functools
 
 import pytest
 import torch
-from authors_ckpt import Variant, write_checkpoint
 
 from elas_serve.kernels.ffn import FFN_BACKENDS, ffn_dense, ffn_sparse24
 from elas_serve.kernels.triton_utils import interpreting
 from elas_serve.models import load_model
+
+from authors_ckpt import Variant, write_checkpoint
 
 ELAS = {"60m": (512, 2064, 128), "130m": (768, 3072, 256), "350m": (1024, 4104, 256),
         "1b": (2048, 8191, 512)}  # hidden, width, rank

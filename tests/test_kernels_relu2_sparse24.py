@@ -10,9 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elas_serve.kernels.relu2_sparse24 import (Sparse24, relu2_sparse24_compress, relu2_sparse24_pruned,
-                                               relu2_sparse24_ref, sparse24_compress_ref,
-                                               sparse24_decompress_ref, sparse24_ref)
+from elas_serve.kernels.relu2_sparse24 import (
+    Sparse24,
+    relu2_sparse24_compress,
+    relu2_sparse24_pruned,
+    relu2_sparse24_ref,
+    sparse24_compress_ref,
+    sparse24_decompress_ref,
+    sparse24_ref,
+)
 from elas_serve.kernels.triton_utils import interpreting
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

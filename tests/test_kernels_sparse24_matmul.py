@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elas_serve.kernels.relu2_sparse24 import (relu2_sparse24_compress, relu2_sparse24_ref,
-                                               sparse24_decompress_ref)
+from elas_serve.kernels.relu2_sparse24 import relu2_sparse24_compress, relu2_sparse24_ref, sparse24_decompress_ref
 from elas_serve.kernels.sparse24_cslt import cslt_supported, cslt_usable, sparse24_matmul_cslt
 from elas_serve.kernels.sparse24_matmul import sparse24_matmul, sparse24_matmul_ref
 from elas_serve.kernels.triton_utils import interpreting
