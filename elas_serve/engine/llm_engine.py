@@ -37,7 +37,6 @@ class LLMEngine:
             raise ValueError(f"{tokenizer.name}: tokenizer has {tokenizer.vocab_size} tokens but the "
                              f"model's vocab_size is {model.config.vocab_size}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.model_name = str(config.model)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.ffn_backend = self._select_ffn_backend(config.ffn_backend)
         num_blocks = self._num_kv_blocks()

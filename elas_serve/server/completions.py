@@ -59,7 +59,6 @@ class _Renderer:
 
     def __init__(self, state: ServerState, body: CompletionRequest, prompts: list, children: list):
         self.state, self.body = state, body
-        self.prompt_ids = {c.request_id: c.prompt_token_ids for c in children}
         self.prompt_texts = [p if isinstance(p, str) else state.tokenizer.decode(list(p)) for p in prompts]
         self.offsets = [0] * len(children)  # text_offset reached per choice (streaming)
 

@@ -85,12 +85,12 @@ def make_children(state: ServerState, prompts: list[str | list[int]], params: Sa
     base = uuid.uuid4().hex
     children = []
     for i, prompt in enumerate(prompts):
-        try:
-            ids = engine.tokenize_prompt(prompt)
-        except InvalidRequestError as e:
-            raise InvalidRequestError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e), e.param) from None
         for j in range(params.n):
-            children.append(engine.make_request(f"{base}-{i}-{j}", ids, params.child(j)))
+            try:
+                children.append(engine.make_request(f"{base}-{i}-{j}", prompt, params.child(j)))
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e), e.param) from None
+            prompt = children[-1].prompt_token_ids  # tokenized once per prompt
     return children
 
 
