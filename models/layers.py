@@ -42,10 +42,6 @@ class Projection(nn.Module):
             self.weight_out = nn.Parameter(torch.empty(out_features, spec.rank))
         self.bias = nn.Parameter(torch.zeros(out_features)) if spec.bias else None
 
-    @property
-    def is_low_rank(self) -> bool:
-        return self.spec.rank is not None
-
     def factors(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         """`(weight_in, weight_out)`, or `(None, weight)` when dense (kernels' convention)."""
         assert self.bias is None, "kernel backends take bias-free projections"
