@@ -10,10 +10,22 @@ import os
 import sys
 from pathlib import Path
 
+from elas_serve.config import DEFAULT_MAX_CHOICES
 from elas_serve.errors import CheckpointError
 from elas_serve.utils import DEMO_CHECKPOINT, DTYPES, resolve_device
 
 SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` exposes the server only to this machine."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def byte_size(text: str) -> int:
@@ -55,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--num-kv-blocks", type=int, default=None)
     srv.add_argument("--no-prefix-caching", action="store_true")
     srv.add_argument("--max-queued-requests", type=int, default=None,
-                     help="reject (503) requests beyond this many waiting (default: no limit)")
+                     help="reject (503) requests beyond this many waiting, at least 1 (default: no limit)")
+    srv.add_argument("--max-choices-per-request", type=int, default=DEFAULT_MAX_CHOICES,
+                     help=f"refuse (400) requests of more than this many prompts x n (default: {DEFAULT_MAX_CHOICES})")
     srv.add_argument("--api-key", default=os.environ.get("ELAS_SERVE_API_KEY"),
                      help="require 'Authorization: Bearer KEY' (default: $ELAS_SERVE_API_KEY)")
     srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -110,8 +124,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from elas_serve.config import EngineConfig
     from elas_serve.server.launch import serve
 
-    if args.max_queued_requests is not None and args.max_queued_requests < 0:
-        raise ValueError("--max-queued-requests must be >= 0")
+    if args.max_queued_requests is not None and args.max_queued_requests < 1:
+        raise ValueError("--max-queued-requests must be at least 1 (leave it out for no limit)")
+    if args.max_choices_per_request < 1:
+        raise ValueError("--max-choices-per-request must be at least 1")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key (or ELAS_SERVE_API_KEY) is empty: give a key, or unset it to serve without one")
+    if args.api_key is None and not is_loopback(args.host):
+        logging.getLogger("elas_serve").warning(
+            "serving on %s without an API key: anyone who can reach this address can use the server "
+            "(set --api-key or ELAS_SERVE_API_KEY)", args.host)
     config = EngineConfig(
         model=args.model or DEMO_CHECKPOINT, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
         ffn_backend=args.ffn_backend, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -121,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cpu_threads=args.cpu_threads)
     name = args.served_model_name or (str(args.model) if args.model else "elas-demo")
     return serve(config, args.host, args.port, name, args.api_key, args.max_queued_requests,
-                 args.shutdown_timeout, args.max_request_bytes)
+                 args.shutdown_timeout, args.max_request_bytes, args.max_choices_per_request)
 
 
 def main(argv: list[str] | None = None) -> int:

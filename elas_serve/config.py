@@ -14,6 +14,7 @@ from typing import Any
 from elas_serve.utils import DEMO_CHECKPOINT
 
 FFN_BACKEND_CHOICES = ("auto", "dense", "sparse24", "fused")
+DEFAULT_MAX_CHOICES = 1024  # prompts x n in one HTTP request (--max-choices-per-request)
 
 
 @dataclass(slots=True)

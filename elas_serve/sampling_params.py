@@ -1,18 +1,85 @@
 """SamplingParams: how one request is sampled and when it stops (vLLM's names and semantics).
 
 Validated in `__post_init__` with messages that name the field, so the server can turn them into
-400 errors as they are. `temperature == 0` means greedy. `top_k` 0 or -1 disables top-k.
-`max_tokens == 0` is allowed (with echo/prompt logprobs: score the prompt, generate nothing).
+400 errors as they are. `RANGES` is the one table of numeric bounds: the checks here and the HTTP
+API's schema (`server/protocol.py`) are both made from it. `temperature` below `GREEDY_EPS` means
+greedy (as vLLM). `top_k` 0 or -1 disables top-k. `max_tokens == 0` is allowed (with echo/prompt
+logprobs: score the prompt, generate nothing). Checks that need the model (token ids inside the
+vocabulary) are the engine's (`LLMEngine.make_request`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from elas_serve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+GREEDY_EPS = 1e-5  # NOTE: vLLM's _SAMPLING_EPS: dividing logits by a smaller temperature overflows
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's: biases are clamped to [-100, 100]
+MAX_STOP_CHARS = 512  # per stop string: the held-back text is checked against each on every token
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """Bounds of one numeric field; `describe` is the error text, `schema` its JSON Schema."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    integer: bool = False
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+    def describe(self) -> str:
+        fmt = (lambda v: str(int(v))) if self.integer else (lambda v: f"{v:g}")
+        if self.hi is None:
+            return f"must be at least {fmt(self.lo)}" if self.integer else f"must be a finite number >= {fmt(self.lo)}"
+        if self.integer:
+            return f"must be between {fmt(self.lo)} and {fmt(self.hi)}"
+        return f"must be in {'(' if self.lo_open else '['}{fmt(self.lo)}, {fmt(self.hi)}]"
+
+    def schema(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.lo is not None:
+            out["exclusiveMinimum" if self.lo_open else "minimum"] = self.lo
+        if self.hi is not None:
+            out["maximum"] = self.hi
+        return out
+
+
+RANGES: dict[str, Range] = {
+    "n": Range(1, integer=True),
+    "temperature": Range(0),
+    "top_p": Range(0, 1, lo_open=True),
+    "top_k": Range(-1, integer=True),
+    "min_p": Range(0, 1),
+    "presence_penalty": Range(-2, 2),
+    "frequency_penalty": Range(-2, 2),
+    "repetition_penalty": Range(0, 2, lo_open=True),
+    "max_tokens": Range(0, integer=True),
+    "min_tokens": Range(0, integer=True),
+    "logprobs": Range(0, MAX_LOGPROBS, integer=True),
+    "prompt_logprobs": Range(0, MAX_LOGPROBS, integer=True),
+    "seed": Range(-(2 ** 63), 2 ** 63 - 1, integer=True),
+}
+
+
+def check_range(name: str, value: Any) -> None:
+    """Raise `InvalidRequestError` naming `name` unless `value` is a number within `RANGES[name]`."""
+    bounds = RANGES[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and bounds.integer:
+        ok = isinstance(value, int) or float(value).is_integer()
+    if not ok or not bounds.contains(value):
+        raise InvalidRequestError(f"{name} {bounds.describe()}, got {value!r}", name)
 
 
 @dataclass(slots=True)
@@ -41,48 +108,43 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-
-        def check(ok: bool, param: str, message: str) -> None:
-            if not ok:
-                raise InvalidRequestError(f"{param} {message}", param)
-
-        check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
-        check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
-              f"must be a finite number >= 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.top_k == -1 or self.top_k >= 0, "top_k", f"must be -1 (disabled) or >= 0, got {self.top_k}")
-        check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
-        for name in ("presence_penalty", "frequency_penalty"):
+        for name in RANGES:
             value = getattr(self, name)
-            check(-2 <= value <= 2, name, f"must be in [-2, 2], got {value}")
-        check(0 < self.repetition_penalty <= 2 and math.isfinite(self.repetition_penalty),
-              "repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
-        check(self.max_tokens is None or self.max_tokens >= 0, "max_tokens",
-              f"must be at least 0, got {self.max_tokens}")
-        check(self.min_tokens >= 0, "min_tokens", f"must be at least 0, got {self.min_tokens}")
-        check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-              f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
-        check(all(isinstance(s, str) and s for s in self.stop), "stop", "strings must be non-empty")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            check(value is None or 0 <= value <= MAX_LOGPROBS, name,
-                  f"must be between 0 and {MAX_LOGPROBS}, got {value}")
-        check(self.seed is None or -(2 ** 63) <= self.seed < 2 ** 63, "seed", "must fit in 64 bits")
+            if value is not None:
+                check_range(name, value)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got "
+                                      f"{self.min_tokens}", "min_tokens")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequestError(f"stop strings must be at most {MAX_STOP_CHARS} characters", "stop")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must be token ids (integers >= 0)", "stop_token_ids")
         if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            check(all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias",
-                  "values must be in [-100, 100]")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                    raise InvalidRequestError(f"logit_bias keys must be token ids, got {k!r}", "logit_bias")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise InvalidRequestError(f"logit_bias values must be finite numbers, got {v!r}", "logit_bias")
+                bias[k] = min(max(float(v), -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT)
+            self.logit_bias = bias
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_EPS or self.top_k == 1
 
     @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
 
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id these params name (-1 if none): checked against the vocabulary."""
+        return max([*self.stop_token_ids, *(self.logit_bias or ())], default=-1)
+
     def child(self, index: int) -> "SamplingParams":
         """The params of the `index`-th of `n` samples: n=1, distinct seed when seeded."""
-        from dataclasses import replace
         seed = None if self.seed is None else (self.seed + index) % (2 ** 63)
         return replace(self, n=1, seed=seed)

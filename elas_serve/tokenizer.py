@@ -11,6 +11,7 @@ window ends inside a multi-byte character (the decoder then yields U+FFFD).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -66,8 +67,19 @@ class Tokenizer:
     def eos_token(self) -> str | None:
         return self.tok.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else None
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text one token stands for (its vocabulary entry's
+        bytes): a text of `b` bytes has at least `b / max_token_bytes` tokens."""
+        return max((len(t.encode("utf-8")) for t in self.tok.get_vocab(with_added_tokens=True)), default=1)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.encode_batch([text], add_special_tokens)[0]
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """NOTE: `encode_batch` releases the GIL while it tokenizes (`encode` does not), so a long
+        text tokenized on a worker thread leaves the server's event loop free."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)

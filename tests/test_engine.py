@@ -14,7 +14,7 @@ import torch
 
 from elas_serve import LLM, SamplingParams
 from elas_serve.config import EngineConfig
-from elas_serve.engine.async_engine import AsyncLLM, EngineDeadError
+from elas_serve.engine.async_engine import MAX_CONSECUTIVE_FAILED_STEPS, AsyncLLM, EngineDeadError, RequestFailedError
 from elas_serve.engine.llm_engine import LLMEngine
 from elas_serve.errors import InvalidRequestError
 from elas_serve.models import load_model
@@ -254,18 +254,35 @@ def test_async_engine_streams_and_aborts(ckpt, model):
     asyncio.run(main())
 
 
-def test_async_engine_death_fails_streams(ckpt, model):
+def test_a_failed_step_fails_its_requests_and_repeated_failures_kill_the_engine(ckpt, model):
     engine = make_engine(ckpt, model)
+    execute, failing = engine.runner.execute, [True]
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("boom")
-    engine.runner.execute = broken
+    def flaky(*args, **kwargs):
+        if failing[0]:
+            raise RuntimeError("boom")
+        return execute(*args, **kwargs)
+    engine.runner.execute = flaky
 
     async def main():
         llm = AsyncLLM(engine)
-        with pytest.raises(EngineDeadError, match="boom"):
+        with pytest.raises(RequestFailedError, match="boom"):
             [o async for o in llm.generate("hello", GREEDY)]
-        assert llm.is_dead
+        assert not llm.is_dead and engine.block_manager.usage == 0 and not engine.requests
+        failing[0] = False
+        assert [o async for o in llm.generate("hello", GREEDY)][-1].finished  # it carries on
+        failing[0] = True
+        for _ in range(MAX_CONSECUTIVE_FAILED_STEPS - 1):
+            with pytest.raises(RequestFailedError):
+                [o async for o in llm.generate("hello", GREEDY)]
+            assert not llm.is_dead
+        with pytest.raises((RequestFailedError, EngineDeadError)):
+            [o async for o in llm.generate("hello", GREEDY)]
+        for _ in range(100):
+            if llm.is_dead:
+                break
+            await asyncio.sleep(0.01)
+        assert llm.is_dead and "3 engine steps failed in a row" in str(llm.error)
         with pytest.raises(EngineDeadError):
             [o async for o in llm.generate("hello", GREEDY)]
     asyncio.run(main())

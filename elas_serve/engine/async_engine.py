@@ -2,13 +2,16 @@
 
 Only the engine thread touches engine state. Other threads (the server's event loop) validate a
 request with `LLMEngine.make_request` (pure), then post it; aborts are posted too and applied
-before the next step, so an aborted request's blocks are free within one step. If a step raises,
-the engine is dead: every open stream gets `EngineDeadError` and new requests are refused.
+before the next step, so an aborted request's blocks are free within one step. A step that fails
+fails only its own requests (their streams raise `RequestFailedError`; the engine logs it). After
+`MAX_CONSECUTIVE_FAILED_STEPS` failed steps in a row the engine is dead: the log says why, every
+open stream gets `EngineDeadError` and new requests are refused (/health answers 503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -19,8 +22,16 @@ from .llm_engine import LLMEngine
 from .request import Request, RequestOutput
 
 
+MAX_CONSECUTIVE_FAILED_STEPS = 3
+log = logging.getLogger("elas_serve.engine")
+
+
 class EngineDeadError(RuntimeError):
     pass
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not serve this request (its step failed); other requests are unaffected."""
 
 
 class AsyncLLM:
@@ -50,6 +61,13 @@ class AsyncLLM:
         self._wakeup.set()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 (the thread ends: no stream may wait forever)
+            log.exception("the engine thread failed")
+            self._die(f"the engine thread failed: {e!r}")
+
+    def _loop(self) -> None:
         engine = self.engine
         while not self._stopping:
             while True:
@@ -58,7 +76,12 @@ class AsyncLLM:
                 except queue.Empty:
                     break
                 if kind == "add":
-                    engine.add(arg)
+                    try:
+                        engine.add(arg)
+                    except Exception as e:  # noqa: BLE001 (refused: only this request fails)
+                        log.exception("request %s could not be added", arg.request_id)
+                        self._count(-1)
+                        self._deliver(arg.request_id, RequestFailedError(f"the engine refused the request: {e}"))
                 elif (out := engine.abort_request(arg)) is not None:
                     self._count(-1)
                     self._deliver(arg, out)  # reaches the stream unless its reader left
@@ -68,15 +91,24 @@ class AsyncLLM:
                 continue
             try:
                 outputs = engine.step()
-            except BaseException as e:  # the engine is dead: fail every stream
-                self.error = e
-                for request_id in list(self._streams):
-                    self._deliver(request_id, EngineDeadError(f"the engine failed: {e!r}"))
-                return
+            except Exception:  # noqa: BLE001 (a failure outside the step's own containment)
+                log.exception("engine step raised")
+                engine.num_consecutive_failed_steps += 1
+                outputs = []
             for out in outputs:
                 if out.finished:
                     self._count(-1)
                 self._deliver(out.request_id, out)
+            if engine.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+                self._die(f"{engine.num_consecutive_failed_steps} engine steps failed in a row")
+                return
+        self._die("it was shut down", logging.INFO)
+
+    def _die(self, reason: str, level: int = logging.ERROR) -> None:
+        self.error = EngineDeadError(f"the engine is not running: {reason}")
+        log.log(level, "%s; open requests fail, new ones are refused", self.error)
+        for request_id in list(self._streams):
+            self._deliver(request_id, self.error)
 
     def _count(self, delta: int) -> None:
         with self._count_lock:
@@ -140,6 +172,8 @@ class RequestStream:
             self.finished = True
             raise item
         self.finished = item.finished
+        if item.finish_reason == "error":
+            raise RequestFailedError(item.error)
         return item
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ context) and clamps `max_tokens` to what the context leaves, as vLLM does.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 
@@ -22,13 +23,14 @@ from elas_serve.utils import resolve_device, resolve_dtype
 
 from .block_manager import BlockManager
 from .ffn_tuning import describe, tune_ffn_backends
-from .model_runner import ModelRunner, kv_cache_block_bytes
+from .model_runner import ModelRunner, RunnerOutput, kv_cache_block_bytes
 from .output_processor import OutputProcessor
 from .request import Request, RequestOutput, RequestStatus
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 from .stats import StatLogger, StepStats
 
 CPU_KV_CACHE_BYTES = 2 << 30  # default KV cache cap on CPU
+log = logging.getLogger("elas_serve.engine")
 
 
 class LLMEngine:
@@ -47,6 +49,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.stat_loggers: list[StatLogger] = []
+        self.num_consecutive_failed_steps = 0
         self._ids = itertools.count()
 
     @classmethod
@@ -129,6 +132,11 @@ class LLMEngine:
         """Validate a prompt and build its request; touches no engine state (any thread may call).
         `max_tokens` is clamped to what the context leaves (as vLLM does)."""
         ids = self.tokenize_prompt(prompt)
+        vocab = self.model.config.vocab_size
+        if params.max_token_id >= vocab:
+            param = "logit_bias" if params.max_token_id in (params.logit_bias or ()) else "stop_token_ids"
+            raise InvalidRequestError(f"{param} names token id {params.max_token_id}, outside the vocabulary "
+                                      f"[0, {vocab})", param)
         room = self.max_model_len - len(ids)
         if len(ids) > self.max_model_len or (room == 0 and params.max_tokens != 0):
             raise InvalidRequestError(
@@ -153,13 +161,17 @@ class LLMEngine:
         self.add(req)
         return req
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request wherever it is, free its blocks; its final output (None if unknown)."""
+    def abort_request(self, request_id: str, error: str | None = None) -> RequestOutput | None:
+        """Stop a request wherever it is, free its blocks; its final output (None if unknown).
+        With `error`, the request failed: its output says so (finish reason "error")."""
         req = self.requests.get(request_id)
         if req is None:
             return None
-        out = self.output_processor.aborted(req)
-        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        try:
+            out = self.output_processor.aborted(req, error)
+        except Exception:  # noqa: BLE001 (the detokenizer state may be what broke)
+            out = RequestOutput(request_id, [], "", finished=True, finish_reason="error", error=error)
+        self._finish(req, RequestStatus.FINISHED_ABORTED if error is None else RequestStatus.FINISHED_ERROR)
         return out
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
@@ -177,16 +189,50 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[RequestOutput]:
+        """One engine step. If running the model or accounting its outputs raises, only the
+        requests of this step fail (each gets a final output with the error; their blocks are
+        freed) and the engine carries on; `num_consecutive_failed_steps` counts such steps."""
         stats = StepStats(start=time.monotonic())
         sched = self.scheduler.schedule()
         stats.t_schedule = time.monotonic()
         if sched.is_empty:
             return []
-        result = self.runner.execute(sched, self.block_manager)
-        stats.t_forward = now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        try:
+            result = self.runner.execute(sched, self.block_manager)
+            stats.t_forward = time.monotonic()
+            self._account(sched, result, stats, outputs)
+        except Exception as e:  # noqa: BLE001 (contained: the step's requests fail, nothing else)
+            self.num_consecutive_failed_steps += 1
+            failed = [req.request_id for req, _ in sched.scheduled if req.request_id in self.requests]
+            log.exception("engine step failed (%d in a row); failing its %d request(s)",
+                          self.num_consecutive_failed_steps, len(failed))
+            message = f"the engine step serving this request failed: {type(e).__name__}: {e}"
+            outputs += [out for rid in failed if (out := self.abort_request(rid, message)) is not None]
+            return outputs
+        self.num_consecutive_failed_steps = 0
+        stats.end = time.monotonic()
+        stats.num_running, stats.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        stats.kv_cache_usage = self.block_manager.usage
+        stats.num_batched_tokens = sched.num_batched_tokens
+        stats.num_preemptions = len(sched.preempted)
+        stats.num_prefix_queried_tokens = sched.num_prefix_queried_tokens
+        stats.num_prefix_hit_tokens = sched.num_prefix_hit_tokens
+        stats.ffn_activation_density = result.ffn_activation_density
+        for logger in self.stat_loggers:
+            logger.on_step(stats)
+        return outputs
+
+    def _account(self, sched: SchedulerOutput, result: RunnerOutput, stats: StepStats,
+                 outputs: list[RequestOutput]) -> None:
+        """Advance every scheduled request by what the step computed; append their outputs."""
+        now = stats.t_forward
         self.scheduler.update_from_output(sched)
-        outputs = []
         for req, _ in sched.scheduled:
+            if req.request_id in result.failed:
+                log.warning("request %s failed: %s", req.request_id, result.failed[req.request_id])
+                outputs.append(self.abort_request(req.request_id, result.failed[req.request_id]))
+                continue
             prompt_was_done = req.num_output_tokens > 0
             if req.request_id in result.prompt_logprobs:
                 first, items = result.prompt_logprobs[req.request_id]
@@ -212,14 +258,3 @@ class LLMEngine:
                 self._finish(req, status)
             if out is not None:
                 outputs.append(out)
-        stats.end = time.monotonic()
-        stats.num_running, stats.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
-        stats.kv_cache_usage = self.block_manager.usage
-        stats.num_batched_tokens = sched.num_batched_tokens
-        stats.num_preemptions = len(sched.preempted)
-        stats.num_prefix_queried_tokens = sched.num_prefix_queried_tokens
-        stats.num_prefix_hit_tokens = sched.num_prefix_hit_tokens
-        stats.ffn_activation_density = result.ffn_activation_density
-        for logger in self.stat_loggers:
-            logger.on_step(stats)
-        return outputs

@@ -31,6 +31,7 @@ class RunnerOutput:
     # request id -> log-probs of prompt tokens [first, first + len) computed in this step
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
     ffn_activation_density: float | None = None  # sampled every DENSITY_EVERY eager steps
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> why (non-finite logits)
 
 
 def kv_cache_block_bytes(model: ElasForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -123,6 +124,11 @@ class ModelRunner:
         if not rows:
             return result
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # (N, V)
+        row_reqs = [req for _, req in sample_rows] + [req for _, req, _ in prompt_rows]
+        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
+        if bad:  # NOTE: those requests fail; their rows are zeroed so the batch's sampling stays finite
+            logits[bad] = 0.0
+            result.failed = {row_reqs[i].request_id: "the model's logits are not finite (NaN or inf)" for i in bad}
         reqs = [req for _, req in sample_rows]
         want_lp = any(r.params.logprobs is not None for r in reqs) or bool(prompt_rows)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None

@@ -87,13 +87,15 @@ class OutputProcessor:
             times=req.times,
         ), status
 
-    def aborted(self, req: Request) -> RequestOutput:
-        """The last output of a request stopped from outside: whatever text was held back."""
+    def aborted(self, req: Request, error: str | None = None) -> RequestOutput:
+        """The last output of a request stopped from outside (aborted, or failed with `error`):
+        whatever text was held back."""
         st = self.states[req.request_id]
         st.detok.flush()
         end = len(st.detok.text) if st.stop_at is None else st.stop_at
         new_text, st.released = st.detok.text[st.released:end], end
-        return RequestOutput(req.request_id, [], new_text, finished=True, finish_reason="abort",
+        return RequestOutput(req.request_id, [], new_text, finished=True,
+                             finish_reason="abort" if error is None else "error", error=error,
                              num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
                              num_cached_tokens=req.num_cached_tokens, times=req.times)
 

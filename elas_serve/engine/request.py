@@ -22,6 +22,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6  # its step failed, or its logits were not finite
 
     @property
     def is_finished(self) -> bool:
@@ -29,7 +30,7 @@ class RequestStatus(enum.IntEnum):
 
     @property
     def finish_reason(self) -> str | None:
-        return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+        return {3: "stop", 4: "length", 5: "abort", 6: "error"}.get(int(self))
 
 
 @dataclass(slots=True)
@@ -115,3 +116,4 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     times: RequestTimes | None = None
+    error: str | None = None  # with finish_reason "error": what went wrong

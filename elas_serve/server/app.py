@@ -1,27 +1,32 @@
-"""The FastAPI application: routes, error mapping, API key, body limit, drain state.
+"""The FastAPI application: routes, error mapping, API key, body limit, drain state, OpenAPI schema.
 
 Every error leaves as `{"error": {...}}` (design section 5): 400 for bad input (FastAPI's 422
-included), 401 for a wrong or missing API key, 404 for an unknown model or route, 413 for a body
-over the limit, 503 when the queue is full, the server is draining or the engine is dead.
-The checks that must see every request (API key, body size, drain) are plain ASGI middleware:
-Starlette's BaseHTTPMiddleware would hide client disconnects from the handlers.
+included), 401 for a wrong or missing API key (with `WWW-Authenticate: Bearer`), 404 for an unknown
+model or route, 405 for a wrong method (with `Allow`), 413 for a body over the limit (sized or
+chunked), 500 when the engine failed on this request, 503 when the queue is full, the server is
+draining or the engine is dead. The checks that must see every request (API key, body size, drain)
+are plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the
+handlers. `/openapi.json` documents exactly this: the error schema for every error status, no 422.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elas_serve import __version__
-from elas_serve.engine.async_engine import EngineDeadError
+from elas_serve.engine.async_engine import EngineDeadError, RequestFailedError
 from elas_serve.errors import InvalidRequestError
 
 from .chat import create_chat_completion, render_chat
@@ -29,25 +34,42 @@ from .completions import create_completion
 from .metrics import PrometheusMetrics
 from .protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
+    ModelList,
     TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
     error_body,
 )
-from .serving import ModelNotFound, ServerState, ServiceUnavailable
+from .serving import INLINE_PROMPT_SIZE, ModelNotFound, ServerState, ServiceUnavailable
 
 OPEN_PATHS = ("/health", "/metrics")  # no API key needed
 DEFAULT_MAX_BODY_BYTES = 16 << 20
+ERROR_STATUSES = (400, 401, 404, 413, 500, 503)
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = {**({"Retry-After": "1"} if status == 503 else {}), **(headers or {})}
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers or None)
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"The request body is larger than {limit} bytes.")
 
 
 class GuardMiddleware:
-    """API key (Bearer), request body size, and 503 while draining, before any route runs."""
+    """API key (Bearer), request body size, and 503 while draining, before any route runs.
+
+    A body sent without a content-length (chunked) is read here, up to the limit, and replayed
+    to the app; later messages (the client's disconnect) pass through."""
 
     def __init__(self, app, state: ServerState, api_key: str | None, max_body_bytes: int):
         self.app, self.state, self.api_key, self.max_body_bytes = app, state, api_key, max_body_bytes
@@ -61,26 +83,38 @@ class GuardMiddleware:
             return await error_response(503, "The server is shutting down.")(scope, receive, send)
         if self.api_key is not None and path not in OPEN_PATHS:
             if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
-                return await error_response(401, "Invalid or missing API key.")(scope, receive, send)
+                return await error_response(401, "Invalid or missing API key.",
+                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        too_large = error_response(413, str(BodyTooLarge(self.max_body_bytes)))
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await error_response(413, str(BodyTooLarge(self.max_body_bytes)))(scope, receive, send)
-        received = 0
-
-        async def counting_receive():  # bodies sent without a content-length are counted as read
-            nonlocal received
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope.get("method") in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise BodyTooLarge(self.max_body_bytes)
-            return message
+            if message["type"] != "http.request":  # the client left before the body was read
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return await too_large(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        await self.app(scope, counting_receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int):
-        super().__init__(f"The request body is larger than {limit} bytes.")
+        await self.app(scope, replay, send)
 
 
 def create_app(state: ServerState, api_key: str | None = None,
@@ -93,58 +127,58 @@ def create_app(state: ServerState, api_key: str | None = None,
         yield
         state.llm.shutdown()
 
-    app = FastAPI(title="elas-serve", version=__version__, lifespan=lifespan)
+    errors = {status: {"model": ErrorResponse} for status in ERROR_STATUSES}
+    app = FastAPI(title="elas-serve", version=__version__, lifespan=lifespan, responses=errors)
     app.state.server = state
     app.state.metrics = metrics
     app.add_middleware(GuardMiddleware, state=state, api_key=api_key, max_body_bytes=max_body_bytes)
     _add_error_handlers(app)
+    app.openapi = lambda: _openapi(app, api_key is not None)  # type: ignore[method-assign]
+    sse = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                 "description": "JSON, or server-sent events with `stream: true`"}}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=sse)
     async def completions(body: CompletionRequest, request: HTTPRequest):
         return await create_completion(body, request, state)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=sse)
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
         return await create_chat_completion(body, request, state)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models():
         card = ModelCard(id=state.model_name, created=state.created, root=str(state.llm.engine.config.model),
                          max_model_len=state.max_model_len)
-        return {"object": "list", "data": [card.model_dump()]}
+        return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"description": "the engine is running (empty body)"}})
     async def health():
         if state.llm.is_dead:
-            return error_response(503, "The engine is not running.")
+            return error_response(503, str(state.llm.error or "The engine is not running."))
         return Response(status_code=200)
 
-    @app.get("/version")
+    @app.get("/version", response_model=VersionResponse)
     async def version():
-        return {"version": __version__}
+        return JSONResponse({"version": __version__})
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeRequest):
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("give exactly one of prompt and messages", "prompt")
-        if body.messages is not None:
-            ids = state.tokenizer.encode(render_chat(state, body.messages, body.add_generation_prompt))
-        else:
-            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        result = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
-        if body.return_token_strs:
-            result["token_strs"] = [state.tokenizer.id_to_token(i) for i in ids]
-        return result
+        small = body.prompt is not None and len(body.prompt) <= INLINE_PROMPT_SIZE
+        return _tokenize(state, body) if small else await asyncio.to_thread(_tokenize, state, body)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest):
         state.check_model(body.model)
         vocab = state.llm.engine.model.config.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
-        return {"prompt": state.tokenizer.decode(body.tokens)}
+        if len(body.tokens) <= INLINE_PROMPT_SIZE:
+            return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})
+        return JSONResponse({"prompt": await asyncio.to_thread(state.tokenizer.decode, body.tokens)})
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -153,11 +187,51 @@ def create_app(state: ServerState, api_key: str | None = None,
                 "eos_token_ids": tok.eos_token_ids, "model_max_length": state.max_model_len,
                 "vocab_size": tok.vocab_size, "chat_template": tok.chat_template}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _tokenize(state: ServerState, body: TokenizeRequest) -> JSONResponse:
+    """/tokenize's work, which grows with the input (run off the loop for large ones)."""
+    tok = state.tokenizer
+    if body.messages is not None:
+        ids = tok.encode(render_chat(state, body.messages, body.add_generation_prompt))
+    else:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    result: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+    if body.return_token_strs:
+        result["token_strs"] = [tok.id_to_token(i) for i in ids]
+    return JSONResponse(result)
+
+
+def _openapi(app: FastAPI, bearer: bool) -> dict[str, Any]:
+    """FastAPI's schema, made true to the server: validation errors are 400s with the error body
+    (no 422, no HTTPValidationError), and the bearer scheme is declared when a key is set."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                op.get("responses", {}).pop("422", None)
+                if bearer:
+                    op["security"] = [{"bearer": []}]
+        comps = schema.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            comps.get("schemas", {}).pop(name, None)
+        if bearer:
+            comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path in OPEN_PATHS:
+                for op in schema["paths"].get(path, {}).values():
+                    op["security"] = []
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none"))
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -170,21 +244,23 @@ def _add_error_handlers(app: FastAPI) -> None:
     handler(ModelNotFound, 404)
     handler(ServiceUnavailable, 503)
     handler(EngineDeadError, 503)
+    handler(RequestFailedError, 500)
     handler(BodyTooLarge, 413)
 
     async def validation(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # NOTE: pydantic puts the union member it tried in the location ("str", "list[int]", ...)
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_type_tag(p)]
         if err.get("type") == "json_invalid":
             return error_response(400, f"The request body is not valid JSON: {err.get('msg')}")
         where = ".".join(loc) or "body"
-        return error_response(400, f"{where}: {err.get('msg')} (got {json.dumps(err.get('input'), default=str)[:200]})",
-                              loc[0] if loc else None)
+        got = json.dumps(err.get("input"), default=str, ensure_ascii=True)[:200]
+        return error_response(400, f"{where}: {err.get('msg')} (got {got})", loc[0] if loc else None)
 
     async def http_error(request: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
         message = {404: f"No route {request.url.path}", 405: f"Method {request.method} not allowed on "
                    f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return error_response(exc.status_code, message)
+        return error_response(exc.status_code, message, headers=exc.headers)
 
     async def internal(request: HTTPRequest, exc: Exception) -> JSONResponse:
         return error_response(500, f"Internal error: {type(exc).__name__}")
@@ -192,4 +268,3 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal)
-

@@ -7,6 +7,7 @@ plain template: one `role: content` line per message, then `assistant:` to be co
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,8 +28,8 @@ from .serving import (
     clamp,
     client_gone,
     collect,
-    make_children,
     merged_stream,
+    prepare,
     submit,
     token_str,
 )
@@ -75,8 +76,8 @@ def chat_logprobs(state: ServerState, token_ids: list[int], entries: list[TokenL
 async def create_chat_completion(body: ChatCompletionRequest, http: HTTPRequest, state: ServerState):
     state.check_model(body.model)
     params = body.to_sampling_params()
-    prompt = render_chat(state, body.messages, body.add_generation_prompt)
-    children = make_children(state, [state.tokenizer.encode(prompt)], params)
+    prompt = await asyncio.to_thread(render_chat, state, body.messages, body.add_generation_prompt)
+    children = await prepare(state, [prompt], params)
     streams = submit(state, children)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     num_prompt = children[0].num_prompt_tokens
@@ -85,6 +86,11 @@ async def create_chat_completion(body: ChatCompletionRequest, http: HTTPRequest,
     choices = [Choice(0, c.prompt_token_ids) for c in children]
     if not await collect(http, streams, choices):
         return client_gone()
+    return await asyncio.to_thread(_response, state, body, head, choices, num_prompt)
+
+
+def _response(state: ServerState, body: ChatCompletionRequest, head: dict, choices: list[Choice],
+              num_prompt: int) -> JSONResponse:
     completion_tokens = sum(len(c.token_ids) for c in choices)
     return JSONResponse({
         **head, "object": "chat.completion",

@@ -8,6 +8,7 @@ Usage counts each prompt once and every generated token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -26,8 +27,8 @@ from .serving import (
     clamp,
     client_gone,
     collect,
-    make_children,
     merged_stream,
+    prepare,
     submit,
     token_str,
 )
@@ -58,15 +59,18 @@ class _Renderer:
     """Text and log-probs of one completion request's choices, whole or as stream deltas."""
 
     def __init__(self, state: ServerState, body: CompletionRequest, prompts: list, children: list):
-        self.state, self.body = state, body
-        self.prompt_texts = [p if isinstance(p, str) else state.tokenizer.decode(list(p)) for p in prompts]
+        self.state, self.body, self.prompts = state, body, prompts
         self.offsets = [0] * len(children)  # text_offset reached per choice (streaming)
+
+    def prompt_text(self, prompt_index: int) -> str:
+        p = self.prompts[prompt_index]
+        return p if isinstance(p, str) else self.state.tokenizer.decode(list(p))
 
     def piece(self, index: int, prompt_index: int, prompt_ids: list[int], text: str, token_ids: list[int],
               logprobs: list[TokenLogprob], prompt_logprobs, first: bool) -> tuple[str, dict | None]:
         """Text and logprobs of a choice (`first`: this piece starts the choice, echo goes first)."""
         if first and self.body.echo:
-            text = self.prompt_texts[prompt_index] + text
+            text = self.prompt_text(prompt_index) + text
             if self.body.logprobs is not None:
                 token_ids = prompt_ids + token_ids
                 logprobs = list(prompt_logprobs or [None] * len(prompt_ids)) + logprobs
@@ -88,7 +92,7 @@ async def create_completion(body: CompletionRequest, http: HTTPRequest, state: S
     state.check_model(body.model)
     prompts = body.prompts()
     params = body.to_sampling_params()
-    children = make_children(state, prompts, params)
+    children = await prepare(state, prompts, params)
     streams = submit(state, children)
     n = params.n
     prompt_counts = [children[i * n].num_prompt_tokens for i in range(len(prompts))]
@@ -101,6 +105,11 @@ async def create_completion(body: CompletionRequest, http: HTTPRequest, state: S
     choices = [Choice(i // n, c.prompt_token_ids) for i, c in enumerate(children)]
     if not await collect(http, streams, choices):
         return client_gone()
+    # NOTE: rendering (detokenizing log-prob tokens, JSON) grows with the response: off the loop
+    return await asyncio.to_thread(_response, render, head, choices, prompt_counts)
+
+
+def _response(render: _Renderer, head: dict, choices: list[Choice], prompt_counts: list[int]) -> JSONResponse:
     result = []
     for i, ch in enumerate(choices):
         text, lp = render.piece(i, ch.prompt_index, ch.prompt_token_ids, ch.text, ch.token_ids,
@@ -112,7 +121,8 @@ async def create_completion(body: CompletionRequest, http: HTTPRequest, state: S
 
 
 def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    """One server-sent event. NOTE: allow_nan=False: a bare NaN is not JSON (log-probs are clamped)."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
 async def _stream(state: ServerState, body: CompletionRequest, streams: list, head: dict,

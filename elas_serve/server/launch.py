@@ -13,7 +13,7 @@ import signal
 
 import uvicorn
 
-from elas_serve.config import EngineConfig
+from elas_serve.config import DEFAULT_MAX_CHOICES, EngineConfig
 from elas_serve.engine.async_engine import AsyncLLM
 from elas_serve.engine.llm_engine import LLMEngine
 
@@ -52,10 +52,10 @@ class DrainingServer(uvicorn.Server):
 
 def serve(config: EngineConfig, host: str, port: int, served_model_name: str, api_key: str | None,
           max_queued_requests: int | None, shutdown_timeout: float = 30.0,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> int:
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_choices_per_request: int = DEFAULT_MAX_CHOICES) -> int:
     engine = LLMEngine.from_config(config)
     llm = AsyncLLM(engine)
-    state = ServerState(llm, served_model_name, max_queued_requests)
+    state = ServerState(llm, served_model_name, max_queued_requests, max_choices_per_request)
     app = create_app(state, api_key, max_body_bytes)
     log.info("serving %s (%s, FFN backend %s, max_model_len %d, %d KV blocks of %d tokens) on http://%s:%d",
              served_model_name, engine.model.output_weight.dtype, engine.ffn_backend, engine.max_model_len,

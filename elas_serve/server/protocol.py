@@ -1,20 +1,24 @@
-"""Request bodies of the HTTP API (OpenAI's fields plus vLLM's extensions) and the error shape.
+"""Request and response bodies of the HTTP API (OpenAI's fields plus vLLM's extensions), and the
+error shape.
 
-Unknown fields are accepted and ignored (as vLLM and OpenAI do). Types are checked by pydantic;
-ranges are checked where the fields become `SamplingParams`, so each error names its field.
-Errors are `{"error": {"message", "type", "param", "code"}}` with the HTTP status as `code`.
+Types are strict: JSON booleans are not integers, numbers are not strings, floats are finite, and
+every string must be valid Unicode (a lone surrogate such as "\\ud800" is refused). Numeric ranges
+come from `sampling_params.RANGES`: they appear in the OpenAPI schema and are checked where the
+fields become `SamplingParams`, so each error names its field. Checks that need the model (token
+ids inside the vocabulary, prompt length) are the engine's. Unknown fields are accepted and ignored
+(as vLLM and OpenAI do). Errors are `{"error": {"message", "type", "param", "code"}}` with the HTTP
+status as `code`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
 from elas_serve.errors import InvalidRequestError
-from elas_serve.sampling_params import SamplingParams
+from elas_serve.sampling_params import MAX_STOP_CHARS, RANGES, SamplingParams
 
-MAX_PROMPTS = 1024  # prompts in one completion request
 MAX_N = 128
 MAX_STOP_STRINGS = 16  # NOTE: above OpenAI's 4: lm-eval sends every `until` string plus EOS
 
@@ -28,37 +32,61 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
                       "param": param, "code": status}}
 
 
+def _valid_unicode(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the string is not valid Unicode (it holds a lone surrogate)") from None
+    return s
+
+
+Str = Annotated[str, Strict(), AfterValidator(_valid_unicode)]
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]  # NOTE: strict floats take JSON integers, not booleans
+Bool = Annotated[bool, Strict()]
+# NOTE: the vocabulary bound (and so the sign) is checked by the engine, with a message saying so
+TokenId = Annotated[int, Strict(), Field(json_schema_extra={"minimum": 0})]
+StopString = Annotated[str, Strict(), AfterValidator(_valid_unicode),
+                       Field(json_schema_extra={"minLength": 1, "maxLength": MAX_STOP_CHARS})]
+
+
+def ranged(name: str, kind: Any, **extra: Any) -> Any:
+    """`kind` with `RANGES[name]` in its schema (checked by `SamplingParams`, with its message)."""
+    return Annotated[kind, Field(json_schema_extra={**RANGES[name].schema(), **extra})]
+
+
 class Base(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class StreamOptions(Base):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: Bool = False
+    continuous_usage_stats: Bool = False
 
 
 class SamplingFields(Base):
     """Fields shared by completions and chat completions."""
 
-    model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    stream: bool = False
+    model: Str | None = None
+    n: ranged("n", Int, maximum=MAX_N) = 1
+    temperature: ranged("temperature", Float) | None = None
+    top_p: ranged("top_p", Float) | None = None
+    top_k: ranged("top_k", Int) | None = None
+    min_p: ranged("min_p", Float) | None = None
+    presence_penalty: ranged("presence_penalty", Float) | None = None
+    frequency_penalty: ranged("frequency_penalty", Float) | None = None
+    repetition_penalty: ranged("repetition_penalty", Float) | None = None
+    logit_bias: dict[Str, Float] | None = Field(
+        None, description="token id (a decimal string) -> bias, clamped to [-100, 100]")
+    seed: ranged("seed", Int) | None = None
+    stop: StopString | Annotated[list[StopString], Field(json_schema_extra={"maxItems": MAX_STOP_STRINGS})] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: Bool = False
+    min_tokens: ranged("min_tokens", Int) = 0
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    skip_special_tokens: bool = True
+    user: Str | None = None
+    skip_special_tokens: Bool = True
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None) -> SamplingParams:
@@ -71,10 +99,10 @@ class SamplingFields(Base):
             raise InvalidRequestError("stream_options can only be set when stream is true", "stream_options")
         bias = None
         if self.logit_bias:
-            try:
-                bias = {int(k): v for k, v in self.logit_bias.items()}
-            except ValueError:
-                raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias") from None
+            bad = next((k for k in self.logit_bias if not (k.isascii() and k.isdigit())), None)
+            if bad is not None:
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {bad!r}", "logit_bias")
+            bias = {int(k): v for k, v in self.logit_bias.items()}
         given = {k: v for k, v in {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
@@ -86,12 +114,12 @@ class SamplingFields(Base):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    return_tokens_as_token_ids: bool = False
+    prompt: Str | list[Str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: ranged("max_tokens", Int) | None = 16
+    echo: Bool = False
+    logprobs: ranged("logprobs", Int) | None = None
+    suffix: Str | None = None
+    return_tokens_as_token_ids: Bool = False
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -101,8 +129,6 @@ class CompletionRequest(SamplingFields):
             prompts = list(p)
         if not prompts:
             raise InvalidRequestError("prompt must not be empty", "prompt")
-        if len(prompts) > MAX_PROMPTS:
-            raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", "suffix")
         return prompts  # type: ignore[return-value]
@@ -113,28 +139,34 @@ class CompletionRequest(SamplingFields):
         return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
 
+class ContentPart(Base):
+    type: Str
+    text: Str | None = None
+
+
 class ChatMessage(Base):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Str
+    content: Str | list[ContentPart] | None = None
+    name: Str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.type != "text" or part.text is None:
                 raise InvalidRequestError("only text content parts are supported", "messages")
-            parts.append(part["text"])
+            parts.append(part.text)
         return "".join(parts)
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    add_generation_prompt: bool = True
+    max_tokens: ranged("max_tokens", Int) | None = None
+    max_completion_tokens: ranged("max_tokens", Int) | None = None
+    logprobs: Bool = False
+    top_logprobs: ranged("logprobs", Int) | None = None
+    add_generation_prompt: Bool = True
 
     def to_sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -145,23 +177,124 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(Base):
-    model: str | None = None
-    prompt: str | None = None
+    model: Str | None = None
+    prompt: Str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
+    add_special_tokens: Bool = True
+    add_generation_prompt: Bool = True
+    return_token_strs: Bool = False
 
 
 class DetokenizeRequest(Base):
-    model: str | None = None
-    tokens: list[int]
+    model: Str | None = None
+    tokens: list[TokenId]
 
 
-class ModelCard(Base):
+# ---------------------------------------------------------------------------------- responses
+# NOTE: handlers build plain dicts (cheaper than models for long streams); these models document
+# them in /openapi.json, and the fuzz test checks every response against them.
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length", "abort"] | None
+    stop_reason: str | int | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprobEntry(ChatTokenLogprob):
+    top_logprobs: list[ChatTokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobEntry]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length", "abort"] | None
+    stop_reason: str | int | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "elas-serve"
     root: str
     max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str | None] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

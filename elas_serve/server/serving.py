@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from fastapi import Request as HTTPRequest
 from fastapi.responses import Response, StreamingResponse
 
+from elas_serve.config import DEFAULT_MAX_CHOICES
 from elas_serve.engine.async_engine import AsyncLLM, RequestStream
 from elas_serve.engine.request import Request, RequestOutput, TokenLogprob
 from elas_serve.errors import InvalidRequestError
@@ -24,6 +25,7 @@ from elas_serve.sampling_params import SamplingParams
 from elas_serve.tokenizer import Tokenizer
 
 MIN_LOGPROB = -9999.0  # -inf is not valid JSON (vLLM clamps the same way)
+INLINE_PROMPT_SIZE = 4096  # characters or token ids: prompts up to this size are prepared on the loop
 
 
 class ServiceUnavailable(Exception):
@@ -39,8 +41,16 @@ class ServerState:
     llm: AsyncLLM
     model_name: str
     max_queued_requests: int | None = None
+    max_choices_per_request: int = DEFAULT_MAX_CHOICES
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be at least 1 (or unset for no limit), "
+                             f"got {self.max_queued_requests}")
+        if self.max_choices_per_request < 1:
+            raise ValueError(f"max_choices_per_request must be at least 1, got {self.max_choices_per_request}")
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -78,20 +88,63 @@ class Choice:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
+def check_fanout(state: ServerState, num_prompts: int, n: int) -> None:
+    """A request becomes `num_prompts * n` engine requests: refuse (400) what exceeds
+    `--max-choices-per-request`, or what the queue limit could never admit."""
+    num = num_prompts * n
+    param = "n" if n > 1 else "prompt"
+    if num > state.max_choices_per_request:
+        raise InvalidRequestError(f"this request asks for {num} choices ({num_prompts} prompt(s) x n={n}); the "
+                                  f"server allows at most {state.max_choices_per_request} per request "
+                                  f"(--max-choices-per-request)", param)
+    if state.max_queued_requests is not None and num > state.max_queued_requests:
+        raise InvalidRequestError(f"this request asks for {num} choices ({num_prompts} prompt(s) x n={n}), more "
+                                  f"than the queue ever admits at once ({state.max_queued_requests}, "
+                                  f"--max-queued-requests)", param)
+
+
+def _tokenize(state: ServerState, prompts: list[str | list[int]]) -> list[list[int] | None]:
+    """Token ids of the text prompts (None for token-id prompts). A text that cannot fit the
+    context whatever its tokenization is refused before tokenizing it."""
+    tok, limit = state.tokenizer, state.max_model_len
+    texts = {i: p for i, p in enumerate(prompts) if isinstance(p, str) and p}
+    for i, text in texts.items():
+        # NOTE: a token stands for at most max_token_bytes bytes; the 2x margin covers normalizers
+        # that shrink the text (accent stripping) before it is split
+        at_least = len(text) // (2 * tok.max_token_bytes)
+        if at_least > limit:
+            where = f"prompt {i}: " if len(prompts) > 1 else ""
+            raise InvalidRequestError(
+                f"{where}This model's maximum context length is {limit} tokens. However, your prompt "
+                f"contains at least {at_least} input tokens, which leaves no room for the completion.", "prompt")
+    ids = dict(zip(texts, tok.encode_batch(list(texts.values())))) if texts else {}
+    return [ids.get(i) for i in range(len(prompts))]
+
+
 def make_children(state: ServerState, prompts: list[str | list[int]], params: SamplingParams
                   ) -> list[Request]:
-    """Validated engine requests, prompt-major then sample index (the choice order)."""
+    """Validated engine requests, prompt-major then sample index (the choice order). Takes time
+    proportional to the prompts: call it on a worker thread (`prepare`), never on the event loop."""
     engine = state.llm.engine
     base = uuid.uuid4().hex
     children = []
-    for i, prompt in enumerate(prompts):
+    for i, (prompt, ids) in enumerate(zip(prompts, _tokenize(state, prompts))):
         for j in range(params.n):
             try:
-                children.append(engine.make_request(f"{base}-{i}-{j}", prompt, params.child(j)))
+                children.append(engine.make_request(f"{base}-{i}-{j}", prompt if ids is None else ids,
+                                                    params.child(j)))
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e), e.param) from None
-            prompt = children[-1].prompt_token_ids  # tokenized once per prompt
+            prompt, ids = children[-1].prompt_token_ids, None  # tokenized and checked once per prompt
     return children
+
+
+async def prepare(state: ServerState, prompts: list[str | list[int]], params: SamplingParams) -> list[Request]:
+    """Fan-out limits, then `make_children`: inline for small prompts, else on a worker thread."""
+    check_fanout(state, len(prompts), params.n)
+    if sum(len(p) for p in prompts) <= INLINE_PROMPT_SIZE:
+        return make_children(state, prompts, params)
+    return await asyncio.to_thread(make_children, state, prompts, params)
 
 
 def submit(state: ServerState, children: list[Request]) -> list[RequestStream]:
@@ -206,4 +259,5 @@ def token_str(tokenizer: Tokenizer, token_id: int, as_id: bool) -> str:
 
 
 def clamp(logprob: float) -> float:
-    return max(logprob, MIN_LOGPROB)
+    """A log-prob JSON can carry: -inf (and NaN, which never should get here) become MIN_LOGPROB."""
+    return logprob if logprob > MIN_LOGPROB else MIN_LOGPROB
