@@ -21,7 +21,6 @@ from elas_serve.sampling_params import SamplingParams
 from .llm_engine import LLMEngine
 from .request import Request, RequestOutput
 
-
 MAX_CONSECUTIVE_FAILED_STEPS = 3
 log = logging.getLogger("elas_serve.engine")
 
