@@ -212,7 +212,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                     if not t.is_floating_point():
                         raise CheckpointError(f"{path_}: tensor '{name}' has dtype {t.dtype}, "
                                               f"expected a floating-point type")
+                    if not torch.isfinite(t).all():
+                        bad = (~torch.isfinite(t)).sum().item()
+                        raise CheckpointError(f"{path_}: tensor '{name}' has {bad} non-finite value(s) "
+                                              f"(NaN or inf): the checkpoint is broken")
                     state[name] = t.to(device=device, dtype=dtype)
+                    if not torch.isfinite(state[name]).all():
+                        raise CheckpointError(f"{path_}: tensor '{name}' overflows {dtype} (values up to "
+                                              f"{t.abs().max().item():.3g}); serve it in another --dtype")
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary_emb.inv_freq = model.model.rotary_emb.compute_inv_freq(device)
     return model.eval().requires_grad_(False)

@@ -1,10 +1,13 @@
 """A real uvicorn server on loopback, in a background thread of the test process (so tests can
-also look at the engine's state), and Prometheus text parsing."""
+also look at the engine's state), `elas-serve serve` as a real process, and Prometheus text
+parsing."""
 
 from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -80,3 +83,29 @@ def parse_metrics(text: str) -> dict[str, float]:
             if m:
                 samples[m.group(1)] = float(m.group(2))
     return samples
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(ckpt, *args, name: str = "m", timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """`elas-serve serve` on a free port, once /health answers 200; its output is piped."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "elas_serve.cli", "serve", "--model", str(ckpt),
+                             "--port", str(port), "--served-model-name", name, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")

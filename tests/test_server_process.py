@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from authors_ckpt import Variant, write_checkpoint
+from server_utils import start
 
 
 @pytest.fixture(scope="module")
@@ -26,31 +26,6 @@ def ckpt(tmp_path_factory, tokenizer_file):
     write_checkpoint(path, Variant("proc", vocab=320, extra_config={"eos_token_id": 0}))
     shutil.copy(tokenizer_file, path / "tokenizer.json")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(ckpt, *args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "elas_serve.cli", "serve", "--model", str(ckpt),
-                             "--port", str(port), "--served-model-name", "m", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 def stream_in_background(url: str, max_tokens: int) -> tuple[threading.Thread, dict]:

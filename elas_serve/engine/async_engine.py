@@ -81,9 +81,11 @@ class AsyncLLM:
                         log.exception("request %s could not be added", arg.request_id)
                         self._count(-1)
                         self._deliver(arg.request_id, RequestFailedError(f"the engine refused the request: {e}"))
-                elif (out := engine.abort_request(arg)) is not None:
-                    self._count(-1)
-                    self._deliver(arg, out)  # reaches the stream unless its reader left
+                else:
+                    for request_id in (list(engine.requests) if kind == "abort_all" else [arg]):
+                        if (out := engine.abort_request(request_id)) is not None:
+                            self._count(-1)
+                            self._deliver(request_id, out)  # reaches the stream unless its reader left
             if not engine.has_unfinished_requests():
                 self._wakeup.wait()
                 self._wakeup.clear()
@@ -146,6 +148,10 @@ class AsyncLLM:
         if not notify:
             self._streams.pop(request_id, None)
         self._post(("abort", request_id))
+
+    def abort_all(self) -> None:
+        """Abort every request in the engine; their streams get their final "abort" output."""
+        self._post(("abort_all", None))
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True

@@ -24,13 +24,19 @@ class _TextState:
 
 
 def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string.
+
+    NOTE: only positions holding a stop string's first character are tried, each with one
+    C-level `startswith`, so a long stop string costs O(len(stop)) per token in practice."""
     best = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
+        tail = text[len(text) - min(len(stop) - 1, len(text)):]
+        i = tail.find(stop[0])
+        while 0 <= i < len(tail) - best:
+            if stop.startswith(tail[i:]):
+                best = len(tail) - i
                 break
+            i = tail.find(stop[0], i + 1)
     return best
 
 

@@ -15,6 +15,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -48,10 +49,13 @@ from .protocol import (
     error_body,
 )
 from .serving import INLINE_PROMPT_SIZE, ModelNotFound, ServerState, ServiceUnavailable
+from .tokenizer_worker import TokenizerWorker
 
 OPEN_PATHS = ("/health", "/metrics")  # no API key needed
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 ERROR_STATUSES = (400, 401, 404, 413, 500, 503)
+JSON_SLICE = 16384  # list items serialized per call when building large bodies
+WORKER_PROMPT_CHARS = 1 << 20  # /tokenize prompts larger than this go to the tokenizer worker process
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -121,10 +125,13 @@ def create_app(state: ServerState, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     metrics = PrometheusMetrics(state.llm, state.model_name, state.llm.engine.ffn_backend)
 
+    tokenizer_worker = TokenizerWorker(state.tokenizer.name)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.llm.engine.stat_loggers.append(metrics)
         yield
+        await tokenizer_worker.aclose()
         state.llm.shutdown()
 
     errors = {status: {"model": ErrorResponse} for status in ERROR_STATUSES}
@@ -166,8 +173,13 @@ def create_app(state: ServerState, api_key: str | None = None,
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("give exactly one of prompt and messages", "prompt")
-        small = body.prompt is not None and len(body.prompt) <= INLINE_PROMPT_SIZE
-        return _tokenize(state, body) if small else await asyncio.to_thread(_tokenize, state, body)
+        size = len(body.prompt) if body.prompt is not None else sum(len(m.text()) for m in body.messages)
+        if size <= INLINE_PROMPT_SIZE:
+            return _tokenize(state, body)
+        if body.prompt is None or size <= WORKER_PROMPT_CHARS or not Path(state.tokenizer.name).is_file():
+            return await asyncio.to_thread(_tokenize, state, body)
+        return Response(await tokenizer_worker.tokenize(body.prompt, body.add_special_tokens, body.return_token_strs,
+                                                        state.max_model_len), media_type="application/json")
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest):
@@ -195,17 +207,25 @@ def create_app(state: ServerState, api_key: str | None = None,
     return app
 
 
-def _tokenize(state: ServerState, body: TokenizeRequest) -> JSONResponse:
-    """/tokenize's work, which grows with the input (run off the loop for large ones)."""
+def _tokenize(state: ServerState, body: TokenizeRequest) -> Response:
+    """/tokenize's work, which grows with the input (run off the loop for large ones).
+
+    NOTE: the JSON is built in slices: one `json.dumps` of a million-token list would hold the
+    GIL, and so the event loop, for half a second."""
     tok = state.tokenizer
     if body.messages is not None:
         ids = tok.encode(render_chat(state, body.messages, body.add_generation_prompt))
     else:
         ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    result: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+    parts = [f'{{"count": {len(ids)}, "max_model_len": {state.max_model_len}, "tokens": [']
+    parts += [(", " if i else "") + ", ".join(map(str, ids[i:i + JSON_SLICE])) for i in range(0, len(ids), JSON_SLICE)]
     if body.return_token_strs:
-        result["token_strs"] = [tok.id_to_token(i) for i in ids]
-    return JSONResponse(result)
+        strs = [tok.id_to_token(i) for i in ids]
+        parts.append('], "token_strs": [')
+        parts += [(", " if i else "") + json.dumps(strs[i:i + JSON_SLICE], ensure_ascii=False)[1:-1]
+                  for i in range(0, len(strs), JSON_SLICE)]
+    parts.append("]}")
+    return Response("".join(parts).encode("utf-8"), media_type="application/json")
 
 
 def _openapi(app: FastAPI, bearer: bool) -> dict[str, Any]:
@@ -248,8 +268,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     handler(BodyTooLarge, 413)
 
     async def validation(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        # NOTE: pydantic puts the union member it tried in the location ("str", "list[int]", ...)
+        # NOTE: a union field reports one error per member: a failed check of ours (value_error)
+        # says more than "should be a valid string"; pydantic also puts the member tried in the
+        # location ("str", "list[int]", ...), which is dropped
+        errs = exc.errors()
+        err = next((e for e in errs if e.get("type") == "value_error"), errs[0])
         loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_type_tag(p)]
         if err.get("type") == "json_invalid":
             return error_response(400, f"The request body is not valid JSON: {err.get('msg')}")

@@ -2,7 +2,8 @@
 
 Shutdown (SIGTERM or SIGINT): stop accepting (new requests get 503, /health too), let in-flight
 requests finish for up to `shutdown_timeout` seconds, abort what is left, then exit 0. A second
-SIGINT exits at once.
+SIGINT skips the wait: what is in flight is aborted at once (each request still gets its response,
+ending with finish_reason "abort"), then the server exits 0.
 """
 
 from __future__ import annotations
@@ -21,22 +22,23 @@ from .app import DEFAULT_MAX_BODY_BYTES, create_app
 from .serving import ServerState
 
 log = logging.getLogger("elas_serve.server")
+ABORT_GRACE_SECONDS = 2.0  # for aborted requests to finish after the drain or a second SIGINT
 
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
         super().__init__(config)
         self.state, self.shutdown_timeout = state, shutdown_timeout
-        self._drain_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []  # the drain, then maybe an immediate stop
+        self._stopping = False
 
     def handle_exit(self, sig: int, frame) -> None:  # called by uvicorn's signal handler
-        if self.state.draining:
-            if sig == signal.SIGINT:
-                self.force_exit = self.should_exit = True
-            return
-        self.state.draining = True
         loop = asyncio.get_event_loop()
-        loop.call_soon_threadsafe(lambda: setattr(self, "_drain_task", loop.create_task(self._drain())))
+        if not self.state.draining:
+            self.state.draining = True
+            loop.call_soon_threadsafe(lambda: self._tasks.append(loop.create_task(self._drain())))
+        elif sig == signal.SIGINT and not self._stopping:  # a second SIGINT: stop waiting
+            loop.call_soon_threadsafe(lambda: self._tasks.append(loop.create_task(self._stop())))
 
     async def _drain(self) -> None:
         llm = self.state.llm
@@ -44,9 +46,22 @@ class DrainingServer(uvicorn.Server):
         deadline = asyncio.get_running_loop().time() + self.shutdown_timeout
         while llm.num_unfinished and asyncio.get_running_loop().time() < deadline and not llm.is_dead:
             await asyncio.sleep(0.05)
-        for request_id in list(llm.engine.requests):
-            llm.abort(request_id, notify=True)
-        await asyncio.sleep(0.1)  # let aborted streams send their last bytes
+        await self._stop()
+
+    async def _stop(self) -> None:
+        """Abort what is still in flight (each request ends with "abort", never a 500), give the
+        responses a moment to leave, then exit."""
+        if self._stopping:
+            return
+        self._stopping = True
+        llm = self.state.llm
+        if llm.num_unfinished:
+            log.info("aborting %d request(s) in flight", llm.num_unfinished)
+        llm.abort_all()
+        deadline = asyncio.get_running_loop().time() + ABORT_GRACE_SECONDS
+        while llm.num_unfinished and asyncio.get_running_loop().time() < deadline and not llm.is_dead:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # let aborted responses send their last bytes
         self.should_exit = True
 
 
