@@ -1,0 +1,161 @@
+"""`--parallel fsdp` (FSDP2, fully_shard): `torchrun` with 2 gloo processes on CPU.
+
+With gradient accumulation (2 micro-batches) and clipping (threshold below the gradient norms):
+(a) FSDP trains the same model as DDP on the same batches: losses and grad norms of every step
+    and the final weights agree within float32 rounding;
+(b) a run interrupted at step 3 and resumed from its sharded checkpoint equals the uninterrupted
+    run exactly (every loss, the final weights);
+(c) the ordinary checkpoints an FSDP run writes (final and periodic) load with `load_model` and
+    hold the trained weights: the periodic one equals its sharded (DCP) twin, the final one
+    reproduces the trainer's own held-out evaluation;
+(d) the sharded checkpoint of 2 processes resumes in 1 process with twice the accumulation (the
+    same batches), and a checkpoint of the other `--parallel` mode is refused clearly.
+The three torchrun runs are shared by the tests (module fixture, about 30 s on 2 cores).
+Run: python -m pytest tests/test_train_fsdp.py -v -s   (-s prints the compared figures)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from test_train import TINY, metrics, run_train, write_corpus
+
+from elas_serve.models import load_model
+from elas_serve.tokenizer import Tokenizer
+from elas_serve.train.data import prepare_shards, read_texts, train_tokenizer
+from elas_serve.train.evaluate import evaluate
+
+STEPS, CLIP = 6, 0.5
+COMMON = ("--grad-accum-steps", "2", "--grad-clip", str(CLIP), "--log-interval", "1")
+
+
+def torchrun(root: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "elas_serve.train", "--data", str(root / "corpus"), "--out", str(root / out),
+           *TINY, "--max-steps", str(STEPS), "--num-threads", "1", *COMMON,
+           "--tokenizer", str(root / "tokenizer.json"), "--cache-dir", str(root / "tokens"),
+           *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """ddp/ and fsdp/ (6 steps, each saving step_000003), and resumed/ (fsdp from step 3)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    corpus = write_corpus(root)
+    train_tokenizer([t for _, t in read_texts([str(corpus)])], 300, root / "tokenizer.json")
+    assert "2 process(es) on cpu, DDP" in torchrun(root, "ddp", "--parallel", "ddp",
+                                                   "--save-interval", "3").stdout
+    assert "2 process(es) on cpu, FSDP" in torchrun(root, "fsdp", "--parallel", "fsdp",
+                                                    "--save-interval", "3").stdout
+    # interrupted after step 3: nothing of the finished run is left but its step_000003/
+    (root / "resumed").mkdir()
+    shutil.copytree(root / "fsdp" / "step_000003", root / "resumed" / "step_000003")
+    shutil.copy(root / "fsdp" / "metrics.jsonl", root / "resumed" / "metrics.jsonl")
+    proc = torchrun(root, "resumed", "--parallel", "fsdp", "--save-interval", "3", "--resume")
+    assert "resumed at step 3" in proc.stdout
+    return root
+
+
+def train_rows(run: Path) -> list[dict]:
+    return [m for m in metrics(run) if m["kind"] == "train"]
+
+
+def test_fsdp_loss_curve_equals_ddp(runs):
+    ddp, fsdp = train_rows(runs / "ddp"), train_rows(runs / "fsdp")
+    print("\nstep  DDP loss    FSDP loss   |diff|    DDP grad-norm  FSDP grad-norm")
+    for a, b in zip(ddp, fsdp):
+        print(f"{a['step']:>4}  {a['loss']:.7f}   {b['loss']:.7f}   {abs(a['loss'] - b['loss']):.1e}"
+              f"   {a['grad_norm']:.7f}      {b['grad_norm']:.7f}")
+    assert [r["step"] for r in fsdp] == list(range(1, STEPS + 1))
+    for a, b in zip(ddp, fsdp):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["lr"] == a["lr"] and b["tokens"] == a["tokens"] == a["step"] * 2 * 2 * 4 * 32
+    assert max(r["grad_norm"] for r in fsdp) > CLIP  # clipping was active
+    assert fsdp[-1]["loss"] < fsdp[0]["loss"] - 0.5  # and it learned
+    a, b = load_file(str(runs / "ddp" / "model.safetensors")), load_file(str(runs / "fsdp" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    final = [json.loads((runs / r / "training_state.json").read_text())["final_eval"]["loss"]
+             for r in ("ddp", "fsdp")]
+    print(f"final held-out loss: DDP {final[0]:.7f}, FSDP {final[1]:.7f}")
+    assert final[1] == pytest.approx(final[0], rel=1e-6)
+
+
+def test_resumed_fsdp_run_equals_the_uninterrupted_one(runs):
+    full, resumed = train_rows(runs / "fsdp"), train_rows(runs / "resumed")
+    print("\nstep  uninterrupted  resumed")
+    for a, b in zip(full, resumed):
+        print(f"{a['step']:>4}  {a['loss']:.7f}      {b['loss']:.7f}")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in resumed] == \
+           [(r["step"], r["loss"], r["grad_norm"]) for r in full]
+    a = load_file(str(runs / "fsdp" / "model.safetensors"))
+    b = load_file(str(runs / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    state = json.loads((runs / "resumed" / "training_state.json").read_text())
+    assert state["global_step"] == STEPS and state["parallel"] == "fsdp" and state["world_size"] == 2
+    assert state["final_eval"] == json.loads((runs / "fsdp" / "training_state.json").read_text())["final_eval"]
+
+
+def test_fsdp_ordinary_checkpoints_load_and_hold_the_trained_weights(runs):
+    step = runs / "fsdp" / "step_000003"
+    assert {p.name for p in step.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                 "training_state.json", "sharded"}
+    # the periodic checkpoint: its full weights equal the sharded model state of the same step
+    model = load_model(step)
+    state = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(step / "sharded"), no_dist=True)  # reads every shard
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, state["model"][name], rtol=0, atol=0, msg=name)
+    # the final checkpoint reproduces the evaluation the trainer made on the sharded model
+    final = runs / "fsdp"
+    model, tok = load_model(final), Tokenizer.from_path(final)
+    _, val = prepare_shards([str(runs / "corpus")], [], 0.05, tok, final / "tokenizer.json",
+                            runs / "tokens")
+    again = evaluate(model, val, 32, 4, torch.device("cpu"))
+    expected = json.loads((final / "training_state.json").read_text())["final_eval"]["loss"]
+    print(f"\nfinal checkpoint via load_model: held-out loss {again.loss:.7f}; "
+          f"the trainer's (sharded) {expected:.7f}")
+    assert again.loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_sharded_checkpoint_resumes_on_another_world_size(runs, tmp_path, capsys):
+    (tmp_path / "one").mkdir()
+    shutil.copytree(runs / "fsdp" / "step_000003", tmp_path / "one" / "step_000003")
+    shutil.copytree(runs / "corpus", tmp_path / "corpus")
+    flags = ("--num-threads", "1", "--log-interval", "1", "--grad-clip", str(CLIP),
+             "--tokenizer", str(runs / "tokenizer.json"))
+    # one process, 4 micro-batches = the batches of 2 processes with 2 each
+    assert run_train(tmp_path, "one", *flags, "--grad-accum-steps", "4", "--parallel", "fsdp",
+                     "--resume", steps=STEPS) == 0
+    assert "1 process(es) on cpu, FSDP, resumed at step 3" in capsys.readouterr().out
+    two = {r["step"]: r["loss"] for r in train_rows(runs / "fsdp")}
+    one = {r["step"]: r["loss"] for r in train_rows(tmp_path / "one")}
+    with capsys.disabled():
+        print(f"\nsteps 4-6, 2 processes: {[round(two[s], 7) for s in (4, 5, 6)]}; resumed in "
+              f"1 process: {[round(one[s], 7) for s in (4, 5, 6)]}")
+    assert sorted(one) == [4, 5, 6]
+    for s in one:
+        assert one[s] == pytest.approx(two[s], rel=1e-6, abs=1e-6)
+    # a checkpoint of the other mode is refused, naming the flag to use
+    for mode, other in (("ddp", "fsdp"), ("fsdp", "ddp")):
+        assert run_train(tmp_path, "refused", *flags, "--parallel", mode, "--resume",
+                         str(runs / other / "step_000003"), steps=STEPS) == 2
+        err = capsys.readouterr().err
+        assert f"saved with --parallel {other} " in err and f"resume it with --parallel {other}" in err
