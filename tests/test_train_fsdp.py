@@ -9,8 +9,10 @@ With gradient accumulation (2 micro-batches) and clipping (threshold below the g
     hold the trained weights: the periodic one equals its sharded (DCP) twin, the final one
     reproduces the trainer's own held-out evaluation;
 (d) the sharded checkpoint of 2 processes resumes in 1 process with twice the accumulation (the
-    same batches), and a checkpoint of the other `--parallel` mode is refused clearly.
-The three torchrun runs are shared by the tests (module fixture, about 30 s on 2 cores).
+    same batches), and a checkpoint of the other `--parallel` mode is refused clearly;
+(e) two torchrun agents joined by c10d rendezvous (`--nnodes 2`, the multi-machine command run
+    on one machine) train what one agent with 2 processes trains.
+The three torchrun runs of (a)-(c) are shared (module fixture, about 30 s on 2 cores).
 Run: python -m pytest tests/test_train_fsdp.py -v -s   (-s prints the compared figures)
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,14 +41,20 @@ STEPS, CLIP = 6, 0.5
 COMMON = ("--grad-accum-steps", "2", "--grad-clip", str(CLIP), "--log-interval", "1")
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(root: Path, out: str, launcher: tuple[str, ...], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher,
+            "-m", "elas_serve.train", "--data", str(root / "corpus"), "--out", str(root / out),
+            *TINY, "--max-steps", str(STEPS), "--num-threads", "1", *COMMON,
+            "--tokenizer", str(root / "tokenizer.json"), "--cache-dir", str(root / "tokens"),
+            *extra]
+
+
 def torchrun(root: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "elas_serve.train", "--data", str(root / "corpus"), "--out", str(root / out),
-           *TINY, "--max-steps", str(STEPS), "--num-threads", "1", *COMMON,
-           "--tokenizer", str(root / "tokenizer.json"), "--cache-dir", str(root / "tokens"),
-           *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = train_cmd(root, out, ("--standalone", "--nproc-per-node", "2"), *extra)
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -113,6 +122,7 @@ def test_resumed_fsdp_run_equals_the_uninterrupted_one(runs):
     assert state["final_eval"] == json.loads((runs / "fsdp" / "training_state.json").read_text())["final_eval"]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load in one process
 def test_fsdp_ordinary_checkpoints_load_and_hold_the_trained_weights(runs):
     step = runs / "fsdp" / "step_000003"
     assert {p.name for p in step.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
@@ -159,3 +169,20 @@ def test_sharded_checkpoint_resumes_on_another_world_size(runs, tmp_path, capsys
                          str(runs / other / "step_000003"), steps=STEPS) == 2
         err = capsys.readouterr().err
         assert f"saved with --parallel {other} " in err and f"resume it with --parallel {other}" in err
+
+
+def test_two_nodes_by_c10d_rendezvous(runs):
+    with socket.socket() as sock:  # a free port for the rendezvous store
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test-two-nodes")
+    nodes = [subprocess.Popen(train_cmd(runs, "two_nodes", launcher, "--parallel", "fsdp"),
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert any("2 process(es) on cpu, FSDP" in out for out, _ in outputs)
+    for a, b in zip(train_rows(runs / "fsdp"), train_rows(runs / "two_nodes"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-6)

@@ -103,7 +103,7 @@ def _setup_process(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if "MASTER_ADDR" in os.environ:  # torchrun (env:// rendezvous)
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:  # torchrun (env://)
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
