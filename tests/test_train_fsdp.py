@@ -12,7 +12,7 @@ With gradient accumulation (2 micro-batches) and clipping (threshold below the g
     same batches), and a checkpoint of the other `--parallel` mode is refused clearly;
 (e) two torchrun agents joined by c10d rendezvous (`--nnodes 2`, the multi-machine command run
     on one machine) train what one agent with 2 processes trains.
-The three torchrun runs of (a)-(c) are shared (module fixture, about 30 s on 2 cores).
+The torchrun runs are shared by the tests (module fixtures).
 Run: python -m pytest tests/test_train_fsdp.py -v -s   (-s prints the compared figures)
 """
 
@@ -61,7 +61,7 @@ def torchrun(root: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """ddp/ and fsdp/ (6 steps, each saving step_000003), and resumed/ (fsdp from step 3)."""
+    """ddp/ and fsdp/: 6 steps each, each saving step_000003/."""
     root = tmp_path_factory.mktemp("fsdp")
     corpus = write_corpus(root)
     train_tokenizer([t for _, t in read_texts([str(corpus)])], 300, root / "tokenizer.json")
@@ -69,13 +69,18 @@ def runs(tmp_path_factory) -> Path:
                                                    "--save-interval", "3").stdout
     assert "2 process(es) on cpu, FSDP" in torchrun(root, "fsdp", "--parallel", "fsdp",
                                                     "--save-interval", "3").stdout
-    # interrupted after step 3: nothing of the finished run is left but its step_000003/
-    (root / "resumed").mkdir()
-    shutil.copytree(root / "fsdp" / "step_000003", root / "resumed" / "step_000003")
-    shutil.copy(root / "fsdp" / "metrics.jsonl", root / "resumed" / "metrics.jsonl")
-    proc = torchrun(root, "resumed", "--parallel", "fsdp", "--save-interval", "3", "--resume")
-    assert "resumed at step 3" in proc.stdout
     return root
+
+
+@pytest.fixture(scope="module")
+def resumed(runs) -> Path:
+    """resumed/: fsdp/ interrupted after step 3 (nothing left of it but step_000003/), resumed."""
+    (runs / "resumed").mkdir()
+    shutil.copytree(runs / "fsdp" / "step_000003", runs / "resumed" / "step_000003")
+    shutil.copy(runs / "fsdp" / "metrics.jsonl", runs / "resumed" / "metrics.jsonl")
+    proc = torchrun(runs, "resumed", "--parallel", "fsdp", "--save-interval", "3", "--resume")
+    assert "resumed at step 3" in proc.stdout
+    return runs / "resumed"
 
 
 def train_rows(run: Path) -> list[dict]:
@@ -105,19 +110,19 @@ def test_fsdp_loss_curve_equals_ddp(runs):
     assert final[1] == pytest.approx(final[0], rel=1e-6)
 
 
-def test_resumed_fsdp_run_equals_the_uninterrupted_one(runs):
-    full, resumed = train_rows(runs / "fsdp"), train_rows(runs / "resumed")
+def test_resumed_fsdp_run_equals_the_uninterrupted_one(runs, resumed):
+    full, again = train_rows(runs / "fsdp"), train_rows(resumed)
     print("\nstep  uninterrupted  resumed")
-    for a, b in zip(full, resumed):
+    for a, b in zip(full, again):
         print(f"{a['step']:>4}  {a['loss']:.7f}      {b['loss']:.7f}")
-    assert [(r["step"], r["loss"], r["grad_norm"]) for r in resumed] == \
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in again] == \
            [(r["step"], r["loss"], r["grad_norm"]) for r in full]
     a = load_file(str(runs / "fsdp" / "model.safetensors"))
-    b = load_file(str(runs / "resumed" / "model.safetensors"))
+    b = load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
-    state = json.loads((runs / "resumed" / "training_state.json").read_text())
+    state = json.loads((resumed / "training_state.json").read_text())
     assert state["global_step"] == STEPS and state["parallel"] == "fsdp" and state["world_size"] == 2
     assert state["final_eval"] == json.loads((runs / "fsdp" / "training_state.json").read_text())["final_eval"]
 
@@ -186,3 +191,27 @@ def test_two_nodes_by_c10d_rendezvous(runs):
     assert any("2 process(es) on cpu, FSDP" in out for out, _ in outputs)
     for a, b in zip(train_rows(runs / "fsdp"), train_rows(runs / "two_nodes"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-6)
+
+
+def test_unknown_parallel_mode_is_one_error_line(tmp_path, capsys):
+    assert run_train(tmp_path, "bad", "--parallel", "zero3", steps=2) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("elas-serve: error: argument --parallel: invalid choice: 'zero3'")
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+def test_fsdp_on_cuda_bf16_policy_trains_like_autocast(tmp_path):
+    """One GPU, a process group of one: FSDP's bf16 policy against DDP's autocast (one process)."""
+    flags = ("--device", "cuda", *COMMON, "--save-interval", "3")
+    assert run_train(tmp_path, "autocast", *flags, steps=STEPS) == 0
+    assert run_train(tmp_path, "fsdp", *flags, "--parallel", "fsdp", "--tokenizer",
+                     str(tmp_path / "autocast" / "tokenizer.json"), steps=STEPS) == 0
+    a, b = train_rows(tmp_path / "autocast"), train_rows(tmp_path / "fsdp")
+    # the same initial model in bf16 compute either way; later steps drift by bf16 rounding
+    assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-2)
+    assert b[-1]["loss"] < b[0]["loss"] - 0.5
+    assert (tmp_path / "fsdp" / "step_000003" / "sharded" / ".metadata").exists()
+    saved = load_file(str(tmp_path / "fsdp" / "model.safetensors"))  # the float32 master weights
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert load_model(tmp_path / "fsdp").state_dict().keys() == saved.keys()
