@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import FFNS, LOWRANK_SCOPES, SAVE_DTYPES, TrainConfig
+from .config import FFNS, LOWRANK_SCOPES, PARALLEL_MODES, SAVE_DTYPES, TrainConfig
 from .presets import PRESETS
 
 
@@ -80,6 +80,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STEP_DIR",
                    help="continue from OUT's latest step_* checkpoint, or from STEP_DIR")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--parallel", choices=PARALLEL_MODES, default="ddp",
+                   help="how processes share the model: ddp = a full replica each, fsdp = "
+                        "weights, gradients and optimizer state sharded (docs/training.md)")
     r.add_argument("--save-dtype", choices=SAVE_DTYPES, default="float32")
     r.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--no-progress", dest="progress", action="store_false")

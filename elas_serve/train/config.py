@@ -16,6 +16,7 @@ from .presets import PRESETS
 LOWRANK_SCOPES = ("all", "attn", "mlp", "none")
 FFNS = ("relu2", "swiglu")
 SAVE_DTYPES = ("float32", "bfloat16")
+PARALLEL_MODES = ("ddp", "fsdp")  # how processes share the model: replicated, or sharded (FSDP2)
 # Fields that define the model: a resumed run must agree on them.
 MODEL_FIELDS = ("preset", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                 "num_kv_heads", "attn_rank", "mlp_rank", "max_position_embeddings",
@@ -69,6 +70,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: str | None = None  # a step_* directory, or "latest"
     device: str = "auto"
+    parallel: str = "ddp"  # ddp: every process holds the whole model; fsdp: sharded over them
     save_dtype: str = "float32"
     num_threads: int | None = None
     progress: bool = True
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ValueError("--dense-warmup-steps only applies to the ELAS (relu2) FFN")
         if self.ffn == "swiglu":
             self.two_by_four = False  # NOTE: 2:4 exists only on the squared-ReLU activation
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}")
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from elas_serve.models import CheckpointError
 from elas_serve.tokenizer import Tokenizer
 
+from .checkpoint import RESUME_FILES
 from .config import MODEL_FIELDS, TrainConfig
 from .data import TokenSplit, prepare_shards, read_texts, train_tokenizer
 
@@ -34,8 +35,12 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict[str, 
         path = found[-1]
     else:
         path = Path(cfg.resume)
-    missing = [n for n in ("training_state.json", "optimizer.pt", "model.safetensors",
+    missing = [n for n in ("training_state.json", RESUME_FILES[cfg.parallel], "model.safetensors",
                            "tokenizer.json") if not (path / n).exists()]
+    other = next((mode for mode, file in RESUME_FILES.items() if (path / file).exists()), None)
+    if missing and other is not None and other != cfg.parallel:
+        raise ValueError(f"--resume {path}: it was saved with --parallel {other} "
+                         f"({RESUME_FILES[other]}); resume it with --parallel {other}")
     if missing:
         raise ValueError(f"--resume {path}: not a resumable checkpoint (missing "
                          f"{', '.join(missing)}; resume from a step_* directory)")

@@ -1,26 +1,26 @@
-"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, DDP, eval, checkpoints.
+"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, DDP/FSDP, eval, checkpoints.
 
-One process, or one per device under `torchrun` (DDP; gloo on CPU, NCCL on CUDA). Invariants:
+One process, or one per device under `torchrun` (gloo on CPU, NCCL on CUDA), with the model
+replicated (`--parallel ddp`, DDP) or sharded (`--parallel fsdp`, FSDP2; fsdp.py). Invariants:
 - batch (step s, micro-batch m, rank r) is drawn from `default_rng([seed, s, m * world + r])`, so
   `--resume` replays exactly the batches an uninterrupted run would see, and W processes with
   A accumulation steps see the same batches as one process with W * A;
 - `step` counts optimizer updates done; `<out>/step_{N:06d}/` is a loadable checkpoint after N
-  updates (float32 weights, plus `optimizer.pt`), and `<out>/` itself gets the final one;
+  updates (float32 weights, plus the state `--resume` needs; checkpoint.py), and `<out>/` itself
+  gets the final one;
 - the ELAS 2:4 mask is off for the first `dense_warmup_steps` updates (authors' dense warm-up);
-- float32 on CPU; on CUDA bfloat16 autocast over float32 master weights.
+- float32 on CPU; on CUDA bfloat16 over float32 master weights (DDP: autocast; FSDP: its
+  mixed-precision policy).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,13 +28,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from elas_serve.models import ElasForCausalLM, save_checkpoint
+from elas_serve.models import ElasForCausalLM
 from elas_serve.models.mlp import ElasMLP
-from elas_serve.utils import DTYPES, resolve_device
+from elas_serve.utils import resolve_device
 
+from .checkpoint import load_step, save_final, save_step, training_state
 from .config import TrainConfig
 from .data import get_batch
 from .evaluate import EvalResult, evaluate, token_nll
+from .fsdp import clip_grad_norm, gathered, shard_model
 from .metrics import MetricsLog, plot_loss_curve
 from .presets import build_model, count_parameters
 from .setup import prepare_data, resolve_resume
@@ -84,20 +86,29 @@ def set_two_by_four(model: ElasForCausalLM, enabled: bool) -> None:
             layer.mlp.two_by_four = enabled
 
 
-def _setup_process(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the process group when started by torchrun."""
+def _setup_process(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call created the process group).
+
+    Joins the process group when started by torchrun; `--parallel fsdp` in one process without
+    torchrun gets a group of one (FSDP needs one).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
-    if world > 1 and not dist.is_initialized():
+    created = (world > 1 or cfg.parallel == "fsdp") and not dist.is_initialized()
+    if created:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:  # torchrun (env://)
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world, device
+    return rank, world, device, created
 
 
 def _barrier() -> None:
@@ -105,56 +116,44 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _save_step(out: Path, step: int, model: ElasForCausalLM, optimizer: torch.optim.Optimizer,
-               tokenizer_file: Path, state: dict[str, Any], cfg: TrainConfig) -> Path:
-    path = save_checkpoint(model, out / f"step_{step:06d}", tokenizer_file=tokenizer_file,
-                           training_fields=_training_fields(cfg))
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    (path / "training_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    old = sorted(p for p in out.glob("step_*") if p.is_dir() and p != path)
-    for stale in old[:max(0, len(old) - (cfg.keep_last - 1))]:
-        shutil.rmtree(stale)
-    return path
-
-
-def _training_fields(cfg: TrainConfig) -> dict[str, Any]:
-    return {"activation_dense_warmup_steps": cfg.dense_warmup_steps,
-            "max_sequence_length": cfg.seq_len}
-
-
-def _state(cfg: TrainConfig, step: int, tokens_seen: int, elapsed: float, world: int,
-           num_params: int) -> dict[str, Any]:
-    """training_state.json (the authors' `global_step` / `update_step` / `tokens_seen` names)."""
-    return {"global_step": step, "update_step": step, "tokens_seen": tokens_seen,
-            "elapsed_s": elapsed, "world_size": world, "num_parameters": num_params,
-            "train_config": cfg.to_dict(), "torch_version": torch.__version__}
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the training `cfg` describes; returns the final held-out evaluation."""
-    rank, world, device = _setup_process(cfg)
+    rank, world, device, created_group = _setup_process(cfg)
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> TrainResult:
     main_proc = rank == 0
+    fsdp = cfg.parallel == "fsdp"
     out = Path(cfg.out_dir)
     resume_dir, resume_state = resolve_resume(cfg, out)
     tokenizer, tokenizer_file, train_split, val_split = prepare_data(cfg, out, resume_dir, main_proc)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer.vocab_size, (tokenizer.eos_token_ids or [None])[0], device)
+    # NOTE: under FSDP the full model is built in CPU memory and fully_shard moves each rank's
+    # shards to the device, so no device ever holds the whole float32 model.
+    model = build_model(cfg, tokenizer.vocab_size, (tokenizer.eos_token_ids or [None])[0],
+                        torch.device("cpu") if fsdp else device)
+    if fsdp:
+        shard_model(model, device)
     optimizer = make_optimizer(model, cfg)
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume_dir is not None:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(str(resume_dir / "model.safetensors"), device=str(device)))
-        optimizer.load_state_dict(torch.load(resume_dir / "optimizer.pt", map_location=device,
-                                             weights_only=True))
+        load_step(resume_dir, resume_state, model, optimizer, cfg, device)
         start_step, tokens_seen = resume_state["global_step"], resume_state["tokens_seen"]
         elapsed_before = resume_state.get("elapsed_s", 0.0)
-    loss_module = _LossModule(model)
-    if world > 1:
-        loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+    # NOTE: DDP all-reduces once per step (no_sync before); the FSDP root is called directly
+    # and reduce-scatters every micro-batch, so no unsharded gradient outlives its backward.
+    ddp = nn.parallel.DistributedDataParallel(
+        _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None
+    ) if world > 1 and not fsdp else None
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and not fsdp
                 else nullcontext())
+    eval_context = (lambda: gathered(model)) if fsdp else nullcontext
 
     num_params = count_parameters(model)
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume_dir else None) if main_proc else None
@@ -164,6 +163,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         bar.write(f"elas-serve train: {num_params:,} parameters, {len(train_split):,} train / "
                   f"{len(val_split):,} held-out tokens, {cfg.tokens_per_step * world:,} tokens "
                   f"per step, {world} process(es) on {device}"
+                  + (f", {cfg.parallel.upper()}" if world > 1 or fsdp else "")
                   + (f", resumed at step {start_step}" if resume_dir else ""))
     t_start = time.perf_counter()
     tok_rate = 0.0
@@ -177,12 +177,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         for micro in range(cfg.grad_accum_steps):
             rng = np.random.default_rng([cfg.seed, step, micro * world + rank])
             x, y = get_batch(train_split, cfg.batch_size, cfg.seq_len, rng, device)  # (B, S)
-            sync = world == 1 or micro == cfg.grad_accum_steps - 1
-            with (nullcontext() if sync else loss_module.no_sync()), autocast:
-                loss = loss_module(x, y) / x.numel()
+            sync = ddp is None or micro == cfg.grad_accum_steps - 1
+            with (nullcontext() if sync else ddp.no_sync()), autocast:
+                loss = (token_nll(model, x, y) if ddp is None else ddp(x, y)) / x.numel()
             (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach()
-        grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        grad_norm = (clip_grad_norm(model.parameters(), cfg.grad_clip)
                      if cfg.grad_clip > 0 else float("nan"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -205,32 +205,31 @@ def train(cfg: TrainConfig) -> TrainResult:
             metrics.write("train", done, loss=train_loss, lr=lr, grad_norm=grad_norm,
                           tokens=tokens_seen, tokens_per_s=tok_rate, elapsed_s=elapsed)
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done < cfg.max_steps:
-            res = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device,
-                           cfg.eval_batches * cfg.batch_size, autocast)
+            with eval_context():
+                res = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device,
+                               cfg.eval_batches * cfg.batch_size, autocast)
             if metrics:
                 metrics.write("eval", done, **res.to_dict())
                 bar.write(f"step {done}: held-out loss {res.loss:.4f}, perplexity "
                           f"{res.perplexity:.2f}, bits/byte {res.bits_per_byte:.4f} (partial)")
         if cfg.save_interval and done % cfg.save_interval == 0 and done < cfg.max_steps:
-            if main_proc:
-                state = _state(cfg, done, tokens_seen, elapsed, world, num_params)
-                _save_step(out, done, model, optimizer, tokenizer_file, state, cfg)
-            _barrier()
+            state = training_state(cfg, done, tokens_seen, elapsed, world, num_params)
+            save_step(out, model, optimizer, tokenizer_file, state, cfg, device)
     bar.close()
 
     set_two_by_four(model, cfg.two_by_four)
-    final = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device, None, autocast)
+    with eval_context():
+        final = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device, None, autocast)
     elapsed = elapsed_before + time.perf_counter() - t_start
+    state = training_state(cfg, cfg.max_steps, tokens_seen, elapsed, world, num_params)
+    state["final_eval"] = final.to_dict()
     if main_proc:
         metrics.write("eval", cfg.max_steps, **final.to_dict())
         print(f"elas-serve train: done {cfg.max_steps} steps, {tokens_seen:,} tokens in "
               f"{elapsed:.0f} s; held-out loss {final.loss:.4f}, perplexity "
               f"{final.perplexity:.2f}, bits/byte {final.bits_per_byte:.4f}")
-        state = _state(cfg, cfg.max_steps, tokens_seen, elapsed, world, num_params)
-        state["final_eval"] = final.to_dict()
-        save_checkpoint(model, out, dtype=DTYPES[cfg.save_dtype], tokenizer_file=tokenizer_file,
-                        training_fields=_training_fields(cfg))
-        (out / "training_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    save_final(out, model, tokenizer_file, state, cfg)
+    if main_proc:
         plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
                         title=f"{out.name}: {cfg.preset} {cfg.ffn}"
                               f"{' 2:4' if cfg.two_by_four else ''}, seed {cfg.seed}")
