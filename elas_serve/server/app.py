@@ -158,7 +158,7 @@ def create_app(state: ServerState, api_key: str | None = None,
                          max_model_len=state.max_model_len)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @app.get("/health", responses={200: {"description": "the engine is running (empty body)"}})
+    @app.get("/health", response_class=Response, responses={200: {"description": "the engine is running (empty body)"}})
     async def health():
         if state.llm.is_dead:
             return error_response(503, str(state.llm.error or "The engine is not running."))

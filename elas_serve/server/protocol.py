@@ -77,7 +77,8 @@ class SamplingFields(Base):
     frequency_penalty: ranged("frequency_penalty", Float) | None = None
     repetition_penalty: ranged("repetition_penalty", Float) | None = None
     logit_bias: dict[Str, Float] | None = Field(
-        None, description="token id (a decimal string) -> bias, clamped to [-100, 100]")
+        None, description="token id (a decimal string) -> bias, clamped to [-100, 100]",
+        json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}})
     seed: ranged("seed", Int) | None = None
     stop: StopString | Annotated[list[StopString], Field(json_schema_extra={"maxItems": MAX_STOP_STRINGS})] | None = None
     stop_token_ids: list[TokenId] | None = None
