@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 
@@ -20,7 +21,7 @@ import torch
 from elas_serve.cli import main as cli_main
 from elas_serve.utils import DEMO_CHECKPOINT
 
-from server_utils import MODEL_NAME, ServerThread
+from server_utils import MODEL_NAME, ServerThread, start
 
 VOCAB = 4096  # the demo model's
 
@@ -295,3 +296,13 @@ def test_max_queued_requests_0_and_an_empty_api_key_are_refused_at_start_up(caps
     assert "--max-queued-requests must be at least 1" in capsys.readouterr().err
     assert cli_main(["serve", "--api-key", ""]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_binding_beyond_loopback_without_a_key_warns(tmp_path):
+    proc, url = start(DEMO_CHECKPOINT, "--host", "0.0.0.0")
+    try:
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "without an API key" in out
