@@ -173,7 +173,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[
                         "started_by_compare": server is not None, "command": server.cmd[2:] if server else None,
                         "server_ffn_backend": results[spec.label][-1].get("server_ffn_backend")})
     load = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg.load).items()
-            if k not in ("base_url", "label", cfg.sweep)}
+            if k not in ("base_url", "label", "headers", cfg.sweep)}  # NOTE: headers may hold keys
     triton_started = any(s["started_by_compare"] and s["backend"] != "dense" for s in servers)
     return {"sweep": cfg.sweep, "values": cfg.values, "baseline": cfg.servers[0].label, "servers": servers,
             "model": str(cfg.model) if cfg.model else "bundled demo", "device_arg": cfg.device,
