@@ -158,7 +158,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     num_params = count_parameters(model)
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume_dir else None) if main_proc else None
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (main_proc and cfg.progress),
+    bar_on = main_proc and cfg.progress
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not bar_on,
                desc=f"train {num_params / 1e6:.2f}M params", dynamic_ncols=True, mininterval=1.0)
     if main_proc:
         bar.write(f"elas-serve train: {num_params:,} parameters, {len(train_split):,} train / "
@@ -206,7 +207,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                           tokens=tokens_seen, tokens_per_s=tok_rate, elapsed_s=elapsed)
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done < cfg.max_steps:
             res = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device,
-                           cfg.eval_batches * cfg.batch_size, autocast)
+                           cfg.eval_batches * cfg.batch_size, autocast, progress=bar_on, desc=f"eval at step {done}")
             if metrics:
                 metrics.write("eval", done, **res.to_dict())
                 bar.write(f"step {done}: held-out loss {res.loss:.4f}, perplexity "
@@ -219,7 +220,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar.close()
 
     set_two_by_four(model, cfg.two_by_four)
-    final = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device, None, autocast)
+    final = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device, None, autocast, progress=bar_on,
+                     desc="final eval (all held-out tokens)")
     elapsed = elapsed_before + time.perf_counter() - t_start
     if main_proc:
         metrics.write("eval", cfg.max_steps, **final.to_dict())
