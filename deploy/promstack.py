@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from elas_serve.clients.process import ManagedProcess
 
 DEPLOY = Path(__file__).resolve().parent
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "elas-serve.json"
@@ -63,7 +64,7 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-class Prometheus:
+class Prometheus(ManagedProcess):
     """`prometheus` on loopback scraping `target` ("127.0.0.1:PORT") every `scrape_interval`."""
 
     def __init__(self, target: str, port: int, workdir: Path, scrape_interval: str = "1s"):
@@ -74,38 +75,13 @@ class Prometheus:
         for job in config["scrape_configs"]:
             job["static_configs"] = [{"targets": [target]}]
         workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / "prometheus.yml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        config_path = workdir / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{port}"
-        self.cmd = ["prometheus", f"--config.file={self.config_path}", f"--storage.tsdb.path={workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
-        self.log_path = workdir / "prometheus.log"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Prometheus":
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited ({self.proc.returncode}): {self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=1, trust_env=False).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.__exit__()
-        raise RuntimeError("prometheus was not ready within 60 s")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        cmd = ["prometheus", f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
+               f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+        super().__init__(cmd, f"{self.url}/-/ready", workdir / "prometheus.log", 60.0, name="prometheus",
+                         stop_timeout=20.0)
 
     def _api(self, path: str, **params: Any) -> Any:
         r = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30, trust_env=False)
