@@ -36,10 +36,10 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, environment, write_results  # noqa: E402
-
 from elas_serve import LLM, SamplingParams  # noqa: E402
 from elas_serve.utils import DEMO_CHECKPOINT  # noqa: E402
+
+from common import DOCS, environment, write_results  # noqa: E402
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

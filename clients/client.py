@@ -103,14 +103,28 @@ async def server_info(client: httpx.AsyncClient, base_url: str, model: str | Non
                       list(tok.get("eos_token_ids") or []))
 
 
-async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict,
-                            result: RequestResult) -> RequestResult:
-    """POST a streaming completion and fill `result` with its timings (vLLM's definitions)."""
+def chunk_text(choice: dict, chat: bool) -> str | None:
+    """The text of one streamed choice; None for a chat chunk that only announces the role.
+
+    NOTE: OpenAI (and this server) send `{"role": "assistant", "content": ""}` before any token;
+    vLLM's server sends it with the first token. Timing it as the first token would make TTFT
+    the time to the HTTP headers, so it is skipped (a token's chunk never carries the role)."""
+    if not chat:
+        return choice.get("text") or ""
+    delta = choice.get("delta") or {}
+    if "role" in delta and not delta.get("content") and choice.get("finish_reason") is None:
+        return None
+    return delta.get("content") or ""
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict, result: RequestResult,
+                            chat: bool = False, headers: dict[str, str] | None = None) -> RequestResult:
+    """POST a streaming (chat) completion and fill `result` with its timings (vLLM's definitions)."""
     start = last = time.perf_counter()
     result.start_time = start
     chunks, texts, done = 0, [], False
     try:
-        async with client.stream("POST", url, json=payload) as resp:
+        async with client.stream("POST", url, json=payload, headers=headers) as resp:
             if resp.status_code != 200:
                 result.error = http_error(resp.status_code, await resp.aread())
                 return result
@@ -126,13 +140,13 @@ async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict,
                 if "error" in chunk:
                     result.error = f"error in the stream: {chunk['error'].get('message', chunk['error'])}"
                     return result
-                if choices := chunk.get("choices"):
+                if (choices := chunk.get("choices")) and (text := chunk_text(choices[0], chat)) is not None:
                     if chunks == 0:
                         result.ttft = now - start
                     else:
                         result.itl.append(now - last)
                     last, chunks = now, chunks + 1
-                    texts.append(choices[0].get("text") or "")
+                    texts.append(text)
                 elif usage := chunk.get("usage"):
                     result.output_len = int(usage.get("completion_tokens") or 0)
                     result.prompt_len = int(usage.get("prompt_tokens") or result.prompt_len)

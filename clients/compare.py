@@ -15,20 +15,15 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from .client import LoadTestError, check_target
+from .client import check_target
 from .loadgen import LoadConfig, run_benchmark
+from .process import ManagedProcess, free_port
 
 BACKENDS = ("dense", "sparse24", "fused")
 SWEEPS = ("request_rate", "max_concurrency")
@@ -102,54 +97,16 @@ class CompareConfig:
         return resolve_device(self.device).type == "cpu"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ManagedServer:
-    """`elas-serve serve` in a subprocess, up once /health answers 200; SIGTERM (then kill) on exit."""
+class ManagedServer(ManagedProcess):
+    """`elas-serve serve --ffn-backend B` on a free loopback port, up once /health answers 200."""
 
     def __init__(self, cfg: CompareConfig, spec: ServerSpec, log_path: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "elas_serve.cli", "serve", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--ffn-backend", spec.backend, "--device", cfg.device,
-                    "--dtype", cfg.dtype, *(["--model", str(cfg.model)] if cfg.model else []), *cfg.server_args]
-        self.log_path, self.timeout = log_path, cfg.server_timeout
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "ManagedServer":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise LoadTestError(f"the server exited with code {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2, trust_env=False).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise LoadTestError(f"the server did not answer /health within {self.timeout:.0f} s (log: {self.log_path})")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_tail(self) -> str:
-        lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        return lines[-1] if lines else f"(empty log {self.log_path})"
+        cmd = [sys.executable, "-m", "elas_serve.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(self.port), "--ffn-backend", spec.backend, "--device", cfg.device,
+               "--dtype", cfg.dtype, *(["--model", str(cfg.model)] if cfg.model else []), *cfg.server_args]
+        super().__init__(cmd, f"{self.url}/health", log_path, cfg.server_timeout)
 
 
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -173,7 +130,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[
                         "started_by_compare": server is not None, "command": server.cmd[2:] if server else None,
                         "server_ffn_backend": results[spec.label][-1].get("server_ffn_backend")})
     load = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg.load).items()
-            if k not in ("base_url", "label", cfg.sweep)}
+            if k not in ("base_url", "label", "headers", cfg.sweep)}  # NOTE: headers may hold keys
     triton_started = any(s["started_by_compare"] and s["backend"] != "dense" for s in servers)
     return {"sweep": cfg.sweep, "values": cfg.values, "baseline": cfg.servers[0].label, "servers": servers,
             "model": str(cfg.model) if cfg.model else "bundled demo", "device_arg": cfg.device,

@@ -47,7 +47,7 @@ def environment(on_cpu: bool) -> dict[str, Any]:
             "commit": "unknown (not a source checkout)"}
 
 
-def rewrite(json_path: Path) -> Path:
+def rewrite(json_path: Path) -> list[Path]:
     """The markdown and PNG again from a comparison's JSON (e.g. after a change of layout)."""
     try:
         data = json.loads(json_path.read_text())
@@ -57,20 +57,31 @@ def rewrite(json_path: Path) -> Path:
     return write(stem, data, json_path.parent)
 
 
-def write(stem: str, data: dict[str, Any], out_dir: Path) -> Path:
-    """`<stem>.json`, `<stem>.md` and `<stem>.png` in out_dir; returns the JSON path."""
+def write(stem: str, data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """`<stem>.json`, `<stem>.md` and, with matplotlib, `<stem>.png` in out_dir: the files written."""
     data = {**data, "stem": stem}
     png = out_dir / f"{stem}.png"
+    png.unlink(missing_ok=True)  # NOTE: never leave a PNG of an older run next to this markdown
     plotted = plot(data, png)
     md = markdown(data, plotted)
     common = _bench_common()
     if common is not None:
-        return common.write_results(stem, data, md, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.md").write_text(md)
-    path = out_dir / f"{stem}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+        path = common.write_results(stem, data, md, out_dir)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{stem}.md").write_text(md)
+        path = out_dir / f"{stem}.json"
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return [path, out_dir / f"{stem}.md"] + ([png] if plotted else [])
+
+
+def files_message(written: list[Path]) -> str:
+    """What was written, and why there is no PNG when there is none."""
+    text = "wrote " + ", ".join(str(p) for p in written)
+    if not any(p.suffix == ".png" for p in written):
+        text += "\nno PNG: matplotlib is not installed (pip install 'elas-serve[loadtest]', then " \
+                f"`elas-loadtest report {written[0]}` draws it from the JSON)"
+    return text
 
 
 def _hi(data: dict[str, Any]) -> str:

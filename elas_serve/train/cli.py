@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
+
+from elas_serve.cli_help import DefaultsHelpFormatter
 
 from .config import FFNS, LOWRANK_SCOPES, PARALLEL_MODES, SAVE_DTYPES, TrainConfig
 from .presets import PRESETS
@@ -25,67 +27,74 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+_DEFAULTS.update({f.name: f.default_factory() for f in fields(TrainConfig) if f.default_factory is not MISSING})
+
+
+def _opt(group: argparse._ArgumentGroup, flag: str, help: str, dest: str | None = None, **kw) -> None:
+    """A flag whose default (and, unless given, type) is TrainConfig's field of the same name."""
+    dest = dest or flag.lstrip("-").replace("-", "_")
+    default = _DEFAULTS.get(dest)
+    if "action" not in kw and "type" not in kw and isinstance(default, (int, float, str)):
+        kw["type"] = type(default)
+    group.add_argument(flag, dest=dest, default=default, help=help, **kw)
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="elas-serve train", description="Train an ELAS (or baseline) checkpoint.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=DefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="training text files or folders of them (UTF-8)")
-    d.add_argument("--eval-data", nargs="+", default=[], metavar="PATH",
-                   help="held-out text files/folders (default: the last --val-fraction of each "
-                        "training document)")
-    d.add_argument("--val-fraction", type=float, default=0.05)
-    d.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json (default: train "
-                   "a byte-level BPE on the training data)")
-    d.add_argument("--vocab-size", type=int, default=None,
-                   help="BPE size to train (default 4096), or the size --tokenizer must have")
-    d.add_argument("--cache-dir", default=None, help="token shards (default: OUT/tokens)")
-    m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
+    _opt(d, "--eval-data", "held-out text files/folders (default: the last --val-fraction of each "
+         "training document)", nargs="+", metavar="PATH")
+    _opt(d, "--val-fraction", "held-out share of each training document without --eval-data")
+    _opt(d, "--tokenizer", "reuse this tokenizer.json (default: train a byte-level BPE on the training data)")
+    _opt(d, "--vocab-size", "BPE size to train (default 4096), or the size --tokenizer must have", type=int)
+    _opt(d, "--cache-dir", "token shards (default: OUT/tokens)")
+    m = p.add_argument_group("model (the preset's sizes unless overridden)")
+    _opt(m, "--preset", f"one of {', '.join(PRESETS)}")
     for flag in ("hidden-size", "intermediate-size", "num-layers", "num-heads", "num-kv-heads",
                  "attn-rank", "mlp-rank", "max-position-embeddings"):
-        m.add_argument(f"--{flag}", type=int, default=None, help="override the preset")
-    m.add_argument("--lowrank-scope", choices=LOWRANK_SCOPES, default="all",
-                   help="which projections are LORO low-rank ('none' = full rank)")
+        _opt(m, f"--{flag}", "override the preset's value", type=int)
+    _opt(m, "--lowrank-scope", "which projections are LORO low-rank ('none' = full rank)", choices=LOWRANK_SCOPES)
     m.add_argument("--full-rank", action="store_const", const="none", dest="lowrank_scope",
-                   help="same as --lowrank-scope none")
-    m.add_argument("--ffn", choices=FFNS, default="relu2",
-                   help="relu2 = ELAS squared-ReLU FFN, swiglu = the LLaMA baseline")
+                   default=_DEFAULTS["lowrank_scope"], help="same as --lowrank-scope none")
+    _opt(m, "--ffn", "relu2 = ELAS squared-ReLU FFN, swiglu = the LLaMA baseline", choices=FFNS)
     m.add_argument("--no-2by4", dest="two_by_four", action="store_false",
-                   help="ELAS FFN without the 2:4 activation sparsity")
-    m.add_argument("--dense-warmup-steps", type=int, default=0,
-                   help="updates before the 2:4 mask is switched on")
-    m.add_argument("--tie-word-embeddings", action="store_true")
-    m.add_argument("--init-std", type=float, default=0.02)
+                   help="ELAS FFN without the 2:4 activation sparsity (2:4 is on unless given)")
+    _opt(m, "--dense-warmup-steps", "updates before the 2:4 mask is switched on")
+    m.add_argument("--tie-word-embeddings", action="store_true", help="share the embedding and lm_head weights")
+    _opt(m, "--init-std", "std of the initial weights (low-rank factors: of their product)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--seq-len", type=int, default=256)
-    o.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
-    o.add_argument("--grad-accum-steps", type=int, default=1)
-    o.add_argument("--max-steps", type=int, default=1000)
-    o.add_argument("--lr", type=float, default=3e-3)
-    o.add_argument("--min-lr-ratio", type=float, default=0.1)
-    o.add_argument("--warmup-steps", type=int, default=100)
-    o.add_argument("--weight-decay", type=float, default=0.1)
-    o.add_argument("--beta1", type=float, default=0.9)
-    o.add_argument("--beta2", type=float, default=0.95)
-    o.add_argument("--grad-clip", type=float, default=1.0, help="0 = no clipping")
-    o.add_argument("--seed", type=int, default=0)
+    _opt(o, "--seq-len", "tokens per training sequence")
+    _opt(o, "--batch-size", "sequences per micro-batch per process")
+    _opt(o, "--grad-accum-steps", "micro-batches per optimizer step")
+    _opt(o, "--max-steps", "optimizer steps of the run")
+    _opt(o, "--lr", "peak learning rate (AdamW)")
+    _opt(o, "--min-lr-ratio", "the cosine decays to lr times this")
+    _opt(o, "--warmup-steps", "linear warm-up steps (keep it below --max-steps)")
+    _opt(o, "--weight-decay", "AdamW weight decay, on matrices only")
+    _opt(o, "--beta1", "AdamW beta1")
+    _opt(o, "--beta2", "AdamW beta2")
+    _opt(o, "--grad-clip", "gradient-norm clipping; 0 = none")
+    _opt(o, "--seed", "initialisation and batch order")
     r = p.add_argument_group("run")
     r.add_argument("--out", dest="out_dir", required=True, help="run / checkpoint directory")
-    r.add_argument("--eval-interval", type=int, default=200)
-    r.add_argument("--eval-batches", type=int, default=16)
-    r.add_argument("--log-interval", type=int, default=10)
-    r.add_argument("--save-interval", type=int, default=0, help="0 = only the final checkpoint")
-    r.add_argument("--keep-last", type=int, default=2)
-    r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STEP_DIR",
-                   help="continue from OUT's latest step_* checkpoint, or from STEP_DIR")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    r.add_argument("--parallel", choices=PARALLEL_MODES, default="ddp",
-                   help="how processes share the model: ddp = a full replica each, fsdp = "
-                        "weights, gradients and optimizer state sharded (docs/training.md)")
-    r.add_argument("--save-dtype", choices=SAVE_DTYPES, default="float32")
-    r.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    r.add_argument("--no-progress", dest="progress", action="store_false")
+    _opt(r, "--eval-interval", "held-out evaluation every this many steps; 0 = only the final one")
+    _opt(r, "--eval-batches", "micro-batches of a periodic evaluation (the final one is full)")
+    _opt(r, "--log-interval", "steps between lines of metrics.jsonl")
+    _opt(r, "--save-interval", "checkpoint every this many steps; 0 = only the final checkpoint")
+    _opt(r, "--keep-last", "step checkpoints kept")
+    _opt(r, "--resume", "continue from OUT's latest step_* checkpoint, or from STEP_DIR", nargs="?",
+         const="latest", metavar="STEP_DIR")
+    _opt(r, "--device", "auto | cpu | cuda")
+    _opt(r, "--parallel", "how processes share the model: ddp = a full replica each, fsdp = weights, gradients "
+         "and optimizer state sharded (docs/training.md)", choices=PARALLEL_MODES)
+    _opt(r, "--save-dtype", "dtype of the final checkpoint's weights", choices=SAVE_DTYPES)
+    _opt(r, "--num-threads", "torch CPU threads (default: torch's)", type=int)
+    r.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (training and evaluation)")
     return p
 
 
@@ -102,12 +111,27 @@ def build_data_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """What a valid config will not do as the flags suggest (the run still starts)."""
+    out = []
+    if cfg.warmup_steps > cfg.max_steps:
+        peak = cfg.lr * cfg.max_steps / cfg.warmup_steps  # NOTE: trainer.lr_at of the last step
+        out.append(f"--warmup-steps {cfg.warmup_steps} is longer than --max-steps {cfg.max_steps}: the "
+                   f"learning rate only warms up and peaks at {peak:.3g}, not --lr {cfg.lr:g}")
+    if cfg.two_by_four and cfg.dense_warmup_steps >= cfg.max_steps:
+        out.append(f"--dense-warmup-steps {cfg.dense_warmup_steps} is not shorter than --max-steps "
+                   f"{cfg.max_steps}: the 2:4 sparsity is never switched on during training")
+    return out
+
+
 def cmd_train(argv: list[str]) -> int:
     from .trainer import train
 
     args = vars(build_train_parser().parse_args(argv))
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in args.items() if k in known})
+    for warning in config_warnings(cfg):
+        print(f"elas-serve train: warning: {warning}", file=sys.stderr)
     train(cfg)
     return 0
 

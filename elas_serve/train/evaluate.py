@@ -4,7 +4,8 @@ Windows of `seq_len` targets tile the held-out split (`data.eval_windows`), so a
 predicts every token but the first exactly once, each with the context of its own window.
 Bits per byte = total loss in bits / UTF-8 bytes of the text those tokens encode; on a partial
 evaluation (`max_windows`) the split's average bytes per token stands in for the exact count.
-With several processes the windows are dealt round-robin and the sums all-reduced.
+With several processes the windows are dealt round-robin and the sums all-reduced. With
+`progress`, a tqdm bar counts this process's windows (a full evaluation can take minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from elas_serve.models import ElasForCausalLM
 
@@ -43,7 +45,8 @@ def token_nll(model: ElasForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch
 @torch.no_grad()
 def evaluate(model: ElasForCausalLM, split: TokenSplit, seq_len: int, batch_size: int,
              device: torch.device, max_windows: int | None = None,
-             autocast: AbstractContextManager | None = None) -> EvalResult:
+             autocast: AbstractContextManager | None = None, progress: bool = False,
+             desc: str = "eval") -> EvalResult:
     """Loss / perplexity / bits per byte of `model` on `split` (all of it unless `max_windows`)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -55,6 +58,9 @@ def evaluate(model: ElasForCausalLM, split: TokenSplit, seq_len: int, batch_size
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
+    # NOTE: not left behind; tqdm puts it under the training bar when a periodic evaluation runs.
+    bar = tqdm(total=len(mine), desc=desc, unit="window", disable=not progress, leave=False,
+               dynamic_ncols=True, mininterval=1.0)
     for i in range(0, len(mine), batch_size):
         group = mine[i:i + batch_size]
         # NOTE: windows are grouped by length so the short last window gets its own batch.
@@ -67,6 +73,8 @@ def evaluate(model: ElasForCausalLM, split: TokenSplit, seq_len: int, batch_size
             with autocast or nullcontext():
                 nll += token_nll(model, rows[:, :-1], rows[:, 1:]).double()
             count += rows.shape[0] * length
+        bar.update(len(group))
+    bar.close()
     if world > 1:
         dist.all_reduce(nll)
         dist.all_reduce(count)

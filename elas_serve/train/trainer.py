@@ -157,7 +157,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
 
     num_params = count_parameters(model)
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume_dir else None) if main_proc else None
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (main_proc and cfg.progress),
+    bar_on = main_proc and cfg.progress
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not bar_on,
                desc=f"train {num_params / 1e6:.2f}M params", dynamic_ncols=True, mininterval=1.0)
     if main_proc:
         bar.write(f"elas-serve train: {num_params:,} parameters, {len(train_split):,} train / "
@@ -207,7 +208,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done < cfg.max_steps:
             with eval_context():
                 res = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device,
-                               cfg.eval_batches * cfg.batch_size, autocast)
+                               cfg.eval_batches * cfg.batch_size, autocast, progress=bar_on,
+                               desc=f"eval at step {done}")
             if metrics:
                 metrics.write("eval", done, **res.to_dict())
                 bar.write(f"step {done}: held-out loss {res.loss:.4f}, perplexity "
@@ -219,7 +221,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
 
     set_two_by_four(model, cfg.two_by_four)
     with eval_context():
-        final = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device, None, autocast)
+        final = evaluate(model, val_split, cfg.seq_len, cfg.batch_size, device, None, autocast, progress=bar_on,
+                         desc="final eval (all held-out tokens)")
     elapsed = elapsed_before + time.perf_counter() - t_start
     state = training_state(cfg, cfg.max_steps, tokens_seen, elapsed, world, num_params)
     state["final_eval"] = final.to_dict()
