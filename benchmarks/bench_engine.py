@@ -21,31 +21,29 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from elas_serve.config import EngineConfig  # noqa: E402
-from elas_serve.engine.llm_engine import LLMEngine  # noqa: E402
+from elas_serve import LLM  # noqa: E402
 from elas_serve.sampling_params import SamplingParams  # noqa: E402
 from elas_serve.utils import DEMO_CHECKPOINT  # noqa: E402
 
 from common import DOCS, environment, write_results  # noqa: E402
 
 
-def run_round(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dict:
+def run_round(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    finished = []
-    engine.stat_loggers = [type("Collect", (), {"on_step": lambda self, s: None,
-                                                "on_finished": lambda self, r: finished.append(r)})()]
+    first, last, done = {}, {}, {}
     start = time.monotonic()
-    for p in prompts:
-        engine.add_request(None, p, params, arrival_time=start)
-    steps = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
+    for i, out in llm.iter_outputs(prompts, [params] * len(prompts)):
+        now = time.monotonic()
+        if out.outputs[0].token_ids:
+            first.setdefault(i, now)
+            last[i] = now
+        if out.finished:
+            done[i] = now
     wall = time.monotonic() - start
-    ttft = [r.times.first_token - r.times.arrival for r in finished]
-    tpot = [(r.times.last_token - r.times.first_token) / (output_len - 1) for r in finished]
-    e2e = [r.times.finished - r.times.arrival for r in finished]
-    return {"concurrency": len(prompts), "wall_s": wall, "steps": steps,
+    ttft = [first[i] - start for i in range(len(prompts))]
+    tpot = [(last[i] - first[i]) / (output_len - 1) for i in range(len(prompts))]
+    e2e = [done[i] - start for i in range(len(prompts))]
+    return {"concurrency": len(prompts), "wall_s": wall,
             "output_tokens": len(prompts) * output_len,
             "output_tokens_per_s": len(prompts) * output_len / wall,
             "mean_ttft_ms": 1e3 * statistics.mean(ttft), "mean_tpot_ms": 1e3 * statistics.mean(tpot),
@@ -104,11 +102,12 @@ def main() -> None:
     ap.add_argument("--stem", default=None, help="output file stem (default engine_<device type>)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    engine = LLMEngine.from_config(EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, ffn_backend=args.ffn_backend,
-        max_num_seqs=max(levels), max_model_len=args.input_len + args.output_len, cpu_threads=args.cpu_threads))
-    device = engine.model.output_weight.device
-    vocab = engine.model.config.vocab_size
+    engine = LLM(model=args.model, device=args.device, dtype=args.dtype, ffn_backend=args.ffn_backend,
+                 max_num_seqs=max(levels), max_model_len=args.input_len + args.output_len,
+                 cpu_threads=args.cpu_threads)
+    info = engine.core.model_info
+    device = torch.device(info.device)
+    vocab = info.vocab_size
     g = torch.Generator().manual_seed(0)
     run_round(engine, [torch.randint(1, vocab, (args.input_len,), generator=g).tolist()], 8)  # warm-up
     results = []
@@ -123,8 +122,7 @@ def main() -> None:
               f"TPOT {r['mean_tpot_ms']:.2f} ms, TTFT {r['mean_ttft_ms']:.1f} ms", flush=True)
     stem = args.stem or f"engine_{device.type}"
     data = {"stem": stem, "model": Path(args.model).name, "input_len": args.input_len,
-            "output_len": args.output_len, "dtype": str(engine.model.output_weight.dtype).replace("torch.", ""),
-            "ffn_backend": engine.ffn_backend, "rounds": args.rounds, "environment": environment(device),
+            "output_len": args.output_len, "dtype": info.dtype, "ffn_backend": info.ffn_backend, "rounds": args.rounds, "environment": environment(device),
             "results": results}
     if 1 in levels and 16 in levels:
         ratio = results[levels.index(16)]["output_tokens_per_s"] / results[levels.index(1)]["output_tokens_per_s"]

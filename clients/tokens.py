@@ -25,7 +25,7 @@ class LocalTokenizer:
     source = "local"
 
     def __init__(self, path: Path):
-        from elas_serve.errors import CheckpointError
+        from elas_serve.models.config import CheckpointError
         from elas_serve.tokenizer import Tokenizer
 
         try:

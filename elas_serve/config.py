@@ -1,40 +1,52 @@
-"""EngineConfig: what the engine is asked to run and with which limits (CLI flags map 1:1).
+"""EngineConfig (what the engine core runs, with which limits) and ServerConfig (the HTTP server's
+own options). Each field's metadata carries its command-line help: `elas-serve serve` builds its
+flags from these fields (`cli.py`), so every default is written here and only here.
 
-Invariants checked in `__post_init__`: positive sizes; `max_num_batched_tokens >= 1`; at most one
-of `num_kv_blocks` / `kv_cache_memory`. Values that depend on the loaded model (`max_model_len`
-default, KV cache size) are resolved by the engine once the model is loaded.
+Invariants checked in `__post_init__`: positive sizes; at most one of `num_kv_blocks` /
+`kv_cache_memory`; a known FFN backend; a queue limit of at least 1 when set; a non-empty API key
+when set. Values that depend on the loaded model (`max_model_len` default, KV cache size) are
+resolved by the engine core once the model is loaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from elas_serve.utils import DEMO_CHECKPOINT
 
 FFN_BACKEND_CHOICES = ("auto", "dense", "sparse24", "fused")
-DEFAULT_MAX_CHOICES = 1024  # prompts x n in one HTTP request (--max-choices-per-request)
+
+
+def opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A config field whose metadata says how its command-line flag reads."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str | Path = DEMO_CHECKPOINT
-    tokenizer: str | Path | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    ffn_backend: str = "auto"
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | None = None  # bytes
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    seed: int = 0  # seeds the sampler of requests without their own seed
-    cpu_threads: int | None = None  # torch intra-op threads on CPU (default: all cores but one)
+    model: str | Path = opt(DEMO_CHECKPOINT, "checkpoint directory (default: the bundled demo checkpoint)",
+                            type=Path)
+    tokenizer: str | Path | None = opt(None, "tokenizer.json or a directory with one (default: the checkpoint's)",
+                                       type=Path)
+    device: str = opt("auto", "auto | cpu | cuda[:N] (auto: CUDA when present)")
+    dtype: str = opt("auto", "weights and activations (auto: float32 on CPU, bfloat16 on CUDA)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    ffn_backend: str = opt("auto", "how the ELAS FFN runs (docs/kernels.md)", choices=FFN_BACKEND_CHOICES)
+    max_model_len: int | None = opt(None, "context length (default: the model's max_position_embeddings)")
+    max_num_seqs: int = opt(128, "sequences in one batch")
+    max_num_batched_tokens: int = opt(2048, "tokens in one engine step (longer prompts are prefilled in chunks)")
+    block_size: int = opt(16, "tokens per KV-cache block")
+    num_kv_blocks: int | None = opt(None, "KV-cache blocks (default: sized from memory)")
+    kv_cache_memory: int | None = opt(None, "KV-cache bytes, e.g. 2G (default: what the device leaves)",
+                                      byte_size=True)
+    gpu_memory_utilization: float = opt(0.9, "share of GPU memory the server may use (KV cache sizing)")
+    enable_prefix_caching: bool = opt(True, "reuse the KV blocks of shared prompt prefixes",
+                                      flag="--no-prefix-caching")
+    enforce_eager: bool = opt(False, "no torch.compile and no CUDA graphs")
+    seed: int = opt(0, "seeds the sampling of requests without their own seed")
+    cpu_threads: int | None = opt(None, "torch threads on CPU (default: all cores but one)")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -57,3 +69,35 @@ class EngineConfig:
         """Build from keyword arguments, ignoring those that are not config fields."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in kwargs.items() if k in names and v is not None})
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = opt("127.0.0.1", "address to bind (beyond loopback, set an API key)")
+    port: int = opt(8000, "port to bind")
+    served_model_name: str | None = opt(None, "model name clients send (default: the --model argument, or "
+                                              "elas-demo)")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' (default: $ELAS_SERVE_API_KEY)",
+                              env="ELAS_SERVE_API_KEY")
+    max_queued_requests: int | None = opt(None, "refuse (503) requests beyond this many waiting; at least 1 "
+                                                "(default: no limit)")
+    max_choices_per_request: int = opt(1024, "refuse (400) requests of more than this many prompts x n")
+    max_request_bytes: int = opt(16 << 20, "refuse (413) request bodies larger than this, e.g. 16M",
+                                 byte_size=True)
+    shutdown_timeout: float = opt(30.0, "seconds in-flight requests get to finish after SIGTERM")
+
+    def __post_init__(self) -> None:
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise ValueError("--max-queued-requests must be at least 1 (leave it out for no limit)")
+        if self.max_choices_per_request < 1:
+            raise ValueError("--max-choices-per-request must be at least 1")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("--api-key (or ELAS_SERVE_API_KEY) is empty: give a key, or unset it to serve "
+                             "without one")
+        if self.max_request_bytes < 1 or self.shutdown_timeout < 0:
+            raise ValueError("--max-request-bytes must be positive and --shutdown-timeout not negative")
+
+    def model_name(self, engine: EngineConfig) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return "elas-demo" if Path(engine.model) == DEMO_CHECKPOINT else str(engine.model)

@@ -5,7 +5,7 @@ Validated in `__post_init__` with messages that name the field, so the server ca
 API's schema (`server/protocol.py`) are both made from it. `temperature` below `GREEDY_EPS` means
 greedy (as vLLM). `top_k` 0 or -1 disables top-k. `max_tokens == 0` is allowed (with echo/prompt
 logprobs: score the prompt, generate nothing). Checks that need the model (token ids inside the
-vocabulary) are the engine's (`LLMEngine.make_request`).
+vocabulary) are the front end's (`frontend/processor.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from elas_serve.errors import InvalidRequestError
+
+class InvalidRequestError(ValueError):
+    """A request that cannot be served as asked (HTTP 400); `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 MAX_LOGPROBS = 20
 GREEDY_EPS = 1e-5  # NOTE: vLLM's _SAMPLING_EPS: dividing logits by a smaller temperature overflows

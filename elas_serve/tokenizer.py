@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from elas_serve.errors import CheckpointError
+from elas_serve.models.config import CheckpointError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 # NOTE: vLLM starts detokenization this many tokens before the end of the prompt.

@@ -16,7 +16,10 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from elas_serve.errors import CheckpointError
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be served as is; the message names the file and tensor."""
+
 
 SUPPORTED_SPARSE_METHODS = ("naive",)
 FFN_KINDS = {"relu2": "relu2", "silu": "swiglu", None: "swiglu"}

@@ -111,13 +111,5 @@ class ElasForCausalLM(nn.Module):
             if isinstance(layer.mlp, ElasMLP):
                 layer.mlp.ffn_table = tuple(table)
 
-    def set_density_probe(self, enabled: bool) -> list[torch.Tensor]:
-        """Start (or stop) recording each ELAS FFN's activation density; returns the shared list."""
-        probe: list[torch.Tensor] = []
-        for layer in self.model.layers:
-            if isinstance(layer.mlp, ElasMLP):
-                layer.mlp.density_probe = probe if enabled else None
-        return probe
-
     def projection_specs(self) -> dict[str, ProjSpec]:
         return {name: self.get_submodule(name).spec for name in projection_names(self.config)}

@@ -40,8 +40,6 @@ class ElasMLP(nn.Module):
         # (max tokens, backend name in FFN_BACKENDS) rows: a call with T tokens takes the first row
         # with T <= max tokens (else the last); "dense" is the autograd-able path
         self.ffn_table: tuple[tuple[float, str], ...] = ((float("inf"), "dense"),)
-        # when a list: each forward appends its activation density (non-zeros after relu², before 2:4)
-        self.density_probe: list[torch.Tensor] | None = None
 
     def _backend(self, num_tokens: int) -> str:
         return next((name for n, name in self.ffn_table if num_tokens <= n), self.ffn_table[-1][1])
@@ -49,13 +47,9 @@ class ElasMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self._backend(x.numel() // x.shape[-1])
         if backend != "dense" and not torch.is_grad_enabled():
-            if self.density_probe is not None:
-                self.density_probe.append((self.up_proj(x) > 0).float().mean())
             fn = FFN_BACKENDS[backend]
             return fn(x, self.up_proj.factors(), self.down_proj.factors(), self.two_by_four)
         y = torch.relu(self.up_proj(x)).square()  # (..., F)
-        if self.density_probe is not None:
-            self.density_probe.append((y != 0).float().mean())
         if self.two_by_four:
             y = _Sparse24STE.apply(y) if y.requires_grad else sparse24_ref(y)
         return self.down_proj(y)

@@ -15,32 +15,38 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from elas_serve.config import EngineConfig
-from elas_serve.engine.async_engine import AsyncLLM
-from elas_serve.engine.llm_engine import LLMEngine
+from elas_serve.config import EngineConfig, ServerConfig
+from elas_serve.engine.core import EngineCore
+from elas_serve.frontend import AsyncLLM
 from elas_serve.models import load_model
-from elas_serve.server.app import create_app
+from elas_serve.server.app import build_app
 from elas_serve.server.serving import ServerState
-from elas_serve.tokenizer import Tokenizer
 
 MODEL_NAME = "elas-test"
 
 
 class ServerThread:
+    """The app over an engine core on a thread of this process (`AsyncLLM(core=...)`), so that
+    tests can reach into the core (slow it down, inject faults); `start` runs the real process."""
+
     def __init__(self, ckpt: Path, api_key: str | None = None, max_queued_requests: int | None = None,
-                 max_body_bytes: int = 1 << 20, step_delay: float = 0.0, **engine_kwargs):
-        engine = LLMEngine(load_model(ckpt), Tokenizer.from_path(ckpt), EngineConfig(model=ckpt, **engine_kwargs))
+                 max_body_bytes: int = 1 << 20, step_delay: float = 0.0, max_choices_per_request: int = 1024,
+                 **engine_kwargs):
+        config = EngineConfig(model=ckpt, **engine_kwargs)
+        core = EngineCore(load_model(ckpt), config)
         if step_delay:  # a slower model: long generations stay in flight long enough to act on
-            execute = engine.runner.execute
+            execute = core.runner.execute
 
             def slow_execute(*args, **kwargs):
                 time.sleep(step_delay)
                 return execute(*args, **kwargs)
-            engine.runner.execute = slow_execute
-        self.llm = AsyncLLM(engine)
-        self.engine = engine
-        self.state = ServerState(self.llm, MODEL_NAME, max_queued_requests)
-        app = create_app(self.state, api_key, max_body_bytes)
+            core.runner.execute = slow_execute
+        self.engine = core
+        self.llm = AsyncLLM(config, core=core)
+        server_config = ServerConfig(api_key=api_key, max_queued_requests=max_queued_requests,
+                                     max_request_bytes=max_body_bytes, max_choices_per_request=max_choices_per_request)
+        self.state = ServerState()
+        app = build_app(self.llm, server_config, MODEL_NAME, self.state)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -65,10 +71,10 @@ class ServerThread:
         return parse_metrics(httpx.get(f"{self.url}/metrics").text)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """True once no request is in flight and no KV block is in use."""
+        """True once no request is in flight and no KV block is in use (as the core last published)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.llm.num_unfinished == 0 and self.engine.block_manager.usage == 0:
+            if self.llm.num_unfinished == 0 and self.llm.stats.kv_cache_usage == 0 and self.llm.stats.num_running == 0:
                 return True
             time.sleep(0.02)
         return False

@@ -7,17 +7,22 @@ Run: python -m pytest tests/test_engine.py -v
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
+import time
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from elas_serve import LLM, SamplingParams
 from elas_serve.config import EngineConfig
-from elas_serve.engine.async_engine import MAX_CONSECUTIVE_FAILED_STEPS, AsyncLLM, EngineDeadError, RequestFailedError
-from elas_serve.engine.llm_engine import LLMEngine
-from elas_serve.errors import InvalidRequestError
+from elas_serve.engine.core import MAX_CONSECUTIVE_FAILED_STEPS, EngineCore
+from elas_serve.frontend import AsyncLLM, EngineDeadError, RequestFailedError
+from elas_serve.frontend.output_processor import OutputProcessor
+from elas_serve.frontend.processor import InputProcessor
 from elas_serve.models import load_model
+from elas_serve.sampling_params import InvalidRequestError
 from elas_serve.tokenizer import Tokenizer
 
 from authors_ckpt import Variant, write_checkpoint
@@ -38,11 +43,74 @@ def model(ckpt):
     return load_model(ckpt)
 
 
-def make_engine(ckpt, model, **kw) -> LLMEngine:
-    return LLMEngine(model, Tokenizer.from_path(ckpt), EngineConfig(model=ckpt, **kw))
+@dataclass
+class Delta:
+    """One step's output of one request (n == 1), flattened from the front end's RequestOutput."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finish_reason: str | None
+    stop_reason: str | int | None
+    prompt_logprobs: list | None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
-def run(engine: LLMEngine, prompts, params) -> dict[str, list[int]]:
+class Engine:
+    """The offline path piece by piece, stepped by hand: the front end's processors around an
+    `EngineCore` (what `LLM` does), so tests can look at the core's requests and blocks."""
+
+    def __init__(self, core: EngineCore, tokenizer: Tokenizer):
+        self.core, self.runner, self.scheduler = core, core.runner, core.scheduler
+        self.block_manager = core.scheduler.block_manager
+        self.processor = InputProcessor(tokenizer, core.model_info)
+        self.output_processor = OutputProcessor(tokenizer)
+        self.logprobs: dict[str, list] = {}
+        self.prefix_hit_tokens = 0
+        self._ids = itertools.count()
+
+    def add_request(self, request_id, prompt, params: SamplingParams):
+        request_id = request_id or f"r{next(self._ids)}"
+        prepared = self.processor.prepare([prompt], params)[0]
+        self.output_processor.add(request_id, prepared, params, time.monotonic())
+        (req,) = self.processor.make_requests(prepared, params, request_id, time.monotonic())
+        self.core.add_request(req)
+        request = self.scheduler.requests[req.request_id]
+        request.logprobs = self.logprobs.setdefault(request_id, [])
+        return request
+
+    def step(self) -> list[Delta]:
+        outs = self.core.step()
+        self.prefix_hit_tokens += outs.stats.num_prefix_hit_tokens
+        result = self.output_processor.process(outs)
+        if result.to_abort:
+            self.core.abort_requests(result.to_abort)
+        deltas = []
+        for parent, out in result.outputs:
+            c = out.outputs[0]
+            self.logprobs[parent.request_id] += c.logprobs or []
+            deltas.append(Delta(f"{parent.request_id}-0", c.token_ids, c.text, c.finish_reason, c.stop_reason,
+                                out.prompt_logprobs))
+        return deltas
+
+    def abort_request(self, request_id: str) -> Delta:
+        (out,) = self.core.abort_requests([request_id]).outputs
+        return Delta(out.request_id, [], "", out.finish_reason, out.stop_reason, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+
+def make_engine(ckpt, model, **kw) -> Engine:
+    config = EngineConfig(model=ckpt, **kw)
+    core = EngineCore(model, config)
+    return Engine(core, Tokenizer.from_path(ckpt, core.model_info.eos_token_ids))
+
+
+def run(engine: Engine, prompts, params) -> dict[str, list[int]]:
     ids = [engine.add_request(None, p, params if isinstance(params, SamplingParams) else params[i]).request_id
            for i, p in enumerate(prompts)]
     tokens = {i: [] for i in ids}
@@ -84,11 +152,8 @@ def test_prefix_cache_hits_change_nothing(ckpt, model):
     prompts = [base + tail for tail in prompts_of([5, 1, 9], seed=1)] + [base]
     cold = run(make_engine(ckpt, model, enable_prefix_caching=False, block_size=4), prompts, GREEDY)
     engine = make_engine(ckpt, model, block_size=4, max_num_seqs=1)  # one at a time: later ones hit
-    hits = []
-    engine.stat_loggers.append(type("L", (), {"on_step": lambda self, s: hits.append(s.num_prefix_hit_tokens),
-                                              "on_finished": lambda self, r: None})())
     assert run(engine, prompts, GREEDY) == cold
-    assert sum(hits) >= 3 * 36
+    assert engine.prefix_hit_tokens >= 3 * 36
 
 
 def test_seeded_sampling_is_batch_independent(ckpt, model):
@@ -232,10 +297,10 @@ def test_async_engine_streams_and_aborts(ckpt, model):
     expected = run(make_engine(ckpt, model), prompts_of([8, 13]), GREEDY)
 
     async def main():
-        llm = AsyncLLM(engine)
+        llm = AsyncLLM(engine.core.config, core=engine.core)
         try:
             async def collect(prompt):
-                return [t async for out in llm.generate(prompt, GREEDY) for t in out.new_token_ids]
+                return [t async for out in llm.generate(prompt, GREEDY) for t in out.outputs[0].token_ids]
             got = await asyncio.gather(*(collect(p) for p in prompts_of([8, 13])))
             assert got == expected
             # leaving a stream early aborts the request and frees its blocks
@@ -265,24 +330,24 @@ def test_a_failed_step_fails_its_requests_and_repeated_failures_kill_the_engine(
     engine.runner.execute = flaky
 
     async def main():
-        llm = AsyncLLM(engine)
+        llm = AsyncLLM(engine.core.config, core=engine.core)
         with pytest.raises(RequestFailedError, match="boom"):
             [o async for o in llm.generate("hello", GREEDY)]
-        assert not llm.is_dead and engine.block_manager.usage == 0 and not engine.requests
+        assert llm.dead_error is None and engine.block_manager.usage == 0 and not engine.scheduler.requests
         failing[0] = False
         assert [o async for o in llm.generate("hello", GREEDY)][-1].finished  # it carries on
         failing[0] = True
         for _ in range(MAX_CONSECUTIVE_FAILED_STEPS - 1):
             with pytest.raises(RequestFailedError):
                 [o async for o in llm.generate("hello", GREEDY)]
-            assert not llm.is_dead
+            assert llm.dead_error is None
         with pytest.raises((RequestFailedError, EngineDeadError)):
             [o async for o in llm.generate("hello", GREEDY)]
         for _ in range(100):
-            if llm.is_dead:
+            if llm.dead_error is not None:
                 break
             await asyncio.sleep(0.01)
-        assert llm.is_dead and "3 engine steps failed in a row" in str(llm.error)
+        assert llm.dead_error is not None and "3 engine steps failed in a row" in str(llm.dead_error)
         with pytest.raises(EngineDeadError):
             [o async for o in llm.generate("hello", GREEDY)]
     asyncio.run(main())

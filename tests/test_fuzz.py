@@ -41,8 +41,7 @@ def fuzz_server(tmp_path_factory, tokenizer_file):
     write_checkpoint(path, Variant("fuzz", vocab=320, layers=1, extra_config={"eos_token_id": 0,
                                                                               "max_position_embeddings": 64}))
     shutil.copy(tokenizer_file, path / "tokenizer.json")
-    with ServerThread(path, max_queued_requests=64, max_num_seqs=16) as s:
-        s.state.max_choices_per_request = 8
+    with ServerThread(path, max_queued_requests=64, max_num_seqs=16, max_choices_per_request=8) as s:
         yield s
         # NOTE: after every case ran against it: the engine is alive and nothing leaked
         assert s.wait_idle(10) and httpx.get(f"{s.url}/health").status_code == 200

@@ -1,6 +1,6 @@
 """Scheduler: token budget, max_num_seqs, chunked prefill, mixed steps, FCFS, preemption.
 
-Pure Python (no model): a step is simulated by `update_from_output` plus appending one token to
+Pure Python (no model): a step is simulated by `update_from_output` with one token sampled for
 each request that caught up. Run: python -m pytest tests/test_scheduler.py -v
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from elas_serve.engine.block_manager import BlockManager
 from elas_serve.engine.request import Request, RequestStatus
-from elas_serve.engine.scheduler import Scheduler
+from elas_serve.engine.scheduler import RunnerOutput, Scheduler
 from elas_serve.sampling_params import SamplingParams
 
 
@@ -17,11 +17,10 @@ def make(rid: str, n: int, start: int = 0) -> Request:
 
 
 def run_step(s: Scheduler) -> list[tuple[str, int]]:
+    """One step as the model runner would serve it: token 7 for every request it brings level."""
     out = s.schedule()
-    s.update_from_output(out)
-    for req, _ in out.scheduled:
-        if req.num_computed_tokens == req.num_tokens:
-            req.append_token(7)
+    sampled = {r.request_id: 7 for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens}
+    s.update_from_output(out, RunnerOutput(sampled=sampled))
     return [(r.request_id, n) for r, n in out.scheduled]
 
 
@@ -70,7 +69,7 @@ def test_preemption_by_recompute_when_blocks_run_out():
     b = s.waiting[0]
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     assert s.block_manager.block_table("b") == [] and s.num_preemptions == 1
-    s.update_from_output(out)
+    s.update_from_output(out, RunnerOutput())
     # once a finishes, b is readmitted and recomputes its 9 tokens (prompt + generated) in one
     # go, minus its first block, which is still in the prefix cache
     s.finish_request(s.running[0], RequestStatus.FINISHED_LENGTH)

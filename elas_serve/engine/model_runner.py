@@ -2,36 +2,28 @@
 
 Owns the KV cache tensors (one `(2, num_blocks, block_size, num_kv_heads, head_dim)` tensor per
 layer), builds each step's flattened batch (`input_ids`, `positions`, `slot_mapping`,
-`block_tables`), runs the model, and samples. Rows are ordered as `SchedulerOutput.scheduled`.
-A request gets a sampled token when this step brings it level with its tokens; requests asking
-for prompt log-probs get them for the prompt positions computed in this step.
+`block_tables`) from the `SchedulerOutput` alone, runs the model, and samples. Rows are ordered
+as `SchedulerOutput.scheduled`. A request gets a sampled token when this step brings it level with
+its tokens; requests asking for prompt log-probs get them for the prompt positions computed in
+this step. The runner reads requests and never changes them; its own per-request state (seeded
+generators) is dropped when the scheduler reports the request finished. Every `DENSITY_EVERY`-th
+eager step, forward pre-hooks it installs on the ELAS FFNs sample the activation density.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from elas_serve.models import AttentionMetadata, ElasForCausalLM
+from elas_serve.models.mlp import ElasMLP
 
-from .block_manager import NULL_BLOCK, BlockManager
+from .block_manager import NULL_BLOCK
 from .cuda_graph import CUDAGraphRunner
-from .request import Request, TokenLogprob
+from .request import Request
 from .sampler import SamplingRow, sample, token_logprobs
-from .scheduler import SchedulerOutput
+from .scheduler import RunnerOutput, SchedulerOutput
 
 DENSITY_EVERY = 16
-
-
-@dataclass(slots=True)
-class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
-    # request id -> log-probs of prompt tokens [first, first + len) computed in this step
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
-    ffn_activation_density: float | None = None  # sampled every DENSITY_EVERY eager steps
-    failed: dict[str, str] = field(default_factory=dict)  # request id -> why (non-finite logits)
 
 
 def kv_cache_block_bytes(model: ElasForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -57,11 +49,16 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.graphs = None
         self.num_steps = 0
+        self._density: list[torch.Tensor] | None = None  # collecting this step's samples when a list
+        for mlp in (m for m in model.modules() if isinstance(m, ElasMLP)):
+            mlp.register_forward_pre_hook(self._sample_density)
         if self.device.type == "cuda" and not enforce_eager:
             self.graphs = CUDAGraphRunner(model, self.kv_caches, max_num_seqs, self.max_blocks_per_seq)
 
-    def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
+    def _sample_density(self, mlp: ElasMLP, args: tuple) -> None:
+        """Forward pre-hook: fraction of positive pre-activations (non-zeros after relu²)."""
+        if self._density is not None:
+            self._density.append((mlp.up_proj(args[0]) > 0).float().mean())
 
     def _generator(self, req: Request) -> torch.Generator:
         if req.params.seed is None:
@@ -71,7 +68,9 @@ class ModelRunner:
         return self.generators[req.request_id]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_manager: BlockManager) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for request_id in out.finished_req_ids:
+            self.generators.pop(request_id, None)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -82,7 +81,7 @@ class ModelRunner:
         prompt_rows: list[tuple[int, Request, int]] = []  # (row, request, index of scored token)
         for req, n in out.scheduled:
             start = req.num_computed_tokens
-            table = block_manager.block_table(req.request_id)
+            table = out.block_tables[req.request_id]
             row0 = len(ids)
             ids += req.all_token_ids[start:start + n]
             positions += range(start, start + n)
@@ -104,17 +103,19 @@ class ModelRunner:
         pos = torch.tensor(positions, device=self.device)
         slot_mapping = torch.tensor(slots, device=self.device)
         self.num_steps += 1
-        probe = None
+        density = None
         if self.graphs is not None and self.graphs.can_run(query_lens):
             hidden = self.graphs.run(input_ids, pos, slot_mapping, block_tables, seq_lens)
         else:
-            probe = self.model.set_density_probe(self.num_steps % DENSITY_EVERY == 1)
+            self._density = [] if self.num_steps % DENSITY_EVERY == 1 else None
             meta = AttentionMetadata(slot_mapping, block_tables, query_lens, seq_lens)
-            hidden = self.model(input_ids, pos, meta, self.kv_caches)
-            self.model.set_density_probe(False)
+            try:
+                hidden = self.model(input_ids, pos, meta, self.kv_caches)
+            finally:
+                density, self._density = self._density, None
         result = self._sample(hidden, sample_rows, prompt_rows)
-        if probe:
-            result.ffn_activation_density = torch.stack(probe).mean().item()
+        if density:
+            result.ffn_activation_density = torch.stack(density).mean().item()
         return result
 
     def _sample(self, hidden: torch.Tensor, sample_rows: list[tuple[int, Request]],

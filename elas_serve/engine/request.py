@@ -1,18 +1,20 @@
-"""Request state and the outputs the engine emits for it.
+"""A request inside the engine core, and its statuses.
 
 A request only has `num_computed_tokens` catching up with its tokens (prompt + generated): there
 are no prefill/decode phases. Chunked prefill is "schedule fewer tokens"; preemption resets
 `num_computed_tokens` to 0 and the request recomputes its tokens later (prefix caching makes that
 cheap). Statuses are ordered so that `is_finished` is `status > PREEMPTED` (as in vLLM v1).
+Only the scheduler changes a request; the model runner reads it.
 """
 
 from __future__ import annotations
 
 import enum
-import time
-from dataclasses import dataclass
 
+from elas_serve.outputs import TokenLogprob
 from elas_serve.sampling_params import SamplingParams
+
+from .messages import EngineCoreRequest
 
 
 class RequestStatus(enum.IntEnum):
@@ -33,43 +35,29 @@ class RequestStatus(enum.IntEnum):
         return {3: "stop", 4: "length", 5: "abort", 6: "error"}.get(int(self))
 
 
-@dataclass(slots=True)
-class TokenLogprob:
-    """Log-prob of one token, with the `top` most likely alternatives (id, logprob)."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
-
-
-@dataclass(slots=True)
-class RequestTimes:
-    arrival: float
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    finished: float | None = None
-
-
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: list[int], arrival_time: float | None = None):
+                 eos_token_ids: list[int], max_tokens: int | None = None, arrival_time: float = 0.0):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.eos_token_ids = [] if params.ignore_eos else list(eos_token_ids)
+        self.max_tokens = max_tokens if max_tokens is not None else (
+            params.max_tokens if params.max_tokens is not None else 1 << 30)
+        self.arrival_time = arrival_time
         self.all_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (first schedule)
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
-        self.stop_reason: str | int | None = None
-        self.max_tokens: int = 0  # resolved by the engine (clamped to max_model_len)
-        self.logprobs: list[TokenLogprob] = []
+        self.stop_reason: int | None = None
+        self.first_scheduled: float | None = None
         self.prompt_logprobs: list[TokenLogprob | None] = []
-        self.times = RequestTimes(arrival_time if arrival_time is not None else time.monotonic())
+
+    @classmethod
+    def from_core_request(cls, r: EngineCoreRequest) -> "Request":
+        return cls(r.request_id, r.prompt_token_ids, r.params, r.eos_token_ids, r.max_tokens, r.arrival_time)
 
     @property
     def num_tokens(self) -> int:
@@ -98,22 +86,3 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, "
                 f"computed={self.num_computed_tokens}/{self.num_tokens})")
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What one engine step produced for one request: deltas, plus the state when finished."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    new_logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when the prompt is done
-    finished: bool = False
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    times: RequestTimes | None = None
-    error: str | None = None  # with finish_reason "error": what went wrong

@@ -1,4 +1,5 @@
-"""The FastAPI application: routes, error mapping, API key, body limit, drain state, OpenAPI schema.
+"""The FastAPI application: one router per endpoint module, error mapping, API key, body limit,
+drain state, OpenAPI schema. The app knows the engine only as an `EngineClient`.
 
 Every error leaves as `{"error": {...}}` (design section 5): 400 for bad input (FastAPI's 422
 included), 401 for a wrong or missing API key (with `WWW-Authenticate: Bearer`), 404 for an unknown
@@ -11,57 +12,35 @@ handlers. `/openapi.json` documents exactly this: the error schema for every err
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elas_serve import __version__
-from elas_serve.engine.async_engine import EngineDeadError, RequestFailedError
-from elas_serve.errors import InvalidRequestError
+from elas_serve.config import ServerConfig
+from elas_serve.frontend import EngineClient, EngineDeadError, RequestFailedError
+from elas_serve.sampling_params import InvalidRequestError
 
-from .chat import create_chat_completion, render_chat
-from .completions import create_completion
+from . import chat, completion, metrics, models, tokenization
+from .chat import OpenAIServingChat
+from .completion import OpenAIServingCompletion
 from .metrics import PrometheusMetrics
-from .protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
-    VersionResponse,
-    error_body,
-)
-from .serving import INLINE_PROMPT_SIZE, ModelNotFound, ServerState, ServiceUnavailable
-from .tokenizer_worker import TokenizerWorker
+from .models import OpenAIServingModels
+from .protocol import ErrorResponse
+from .serving import ModelNotFound, ServerState, ServiceUnavailable, error_response
+from .tokenization import OpenAIServingTokenization
 
 OPEN_PATHS = ("/health", "/metrics")  # no API key needed
-DEFAULT_MAX_BODY_BYTES = 16 << 20
 ERROR_STATUSES = (400, 401, 404, 413, 500, 503)
-JSON_SLICE = 16384  # list items serialized per call when building large bodies
-WORKER_PROMPT_CHARS = 1 << 20  # /tokenize prompts larger than this go to the tokenizer worker process
-
-
-def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    headers = {**({"Retry-After": "1"} if status == 503 else {}), **(headers or {})}
-    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers or None)
+ROUTERS = (completion.router, chat.router, tokenization.router, models.router, metrics.router)
 
 
 class BodyTooLarge(Exception):
@@ -121,111 +100,35 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
-def create_app(state: ServerState, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    metrics = PrometheusMetrics(state.llm, state.model_name, state.llm.engine.ffn_backend)
-
-    tokenizer_worker = TokenizerWorker(state.tokenizer.name)
+def build_app(client: EngineClient, config: ServerConfig, model_name: str,
+              state: ServerState | None = None) -> FastAPI:
+    """The server for one `EngineClient`; `state.draining` is set by whoever runs it (SIGTERM)."""
+    state = state or ServerState()
+    serving = dict(
+        serving_completion=OpenAIServingCompletion, serving_chat=OpenAIServingChat,
+        serving_tokenization=OpenAIServingTokenization, serving_models=OpenAIServingModels)
+    metrics = PrometheusMetrics(client, model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.llm.engine.stat_loggers.append(metrics)
+        client.add_stat_logger(metrics)
+        await app.state.serving_tokenization.start()
         yield
-        await tokenizer_worker.aclose()
-        state.llm.shutdown()
+        await app.state.serving_tokenization.stop()
+        client.shutdown()
 
     errors = {status: {"model": ErrorResponse} for status in ERROR_STATUSES}
     app = FastAPI(title="elas-serve", version=__version__, lifespan=lifespan, responses=errors)
     app.state.server = state
     app.state.metrics = metrics
-    app.add_middleware(GuardMiddleware, state=state, api_key=api_key, max_body_bytes=max_body_bytes)
+    for name, cls in serving.items():
+        setattr(app.state, name, cls(client, config, model_name, state))
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(GuardMiddleware, state=state, api_key=config.api_key, max_body_bytes=config.max_request_bytes)
     _add_error_handlers(app)
-    app.openapi = lambda: _openapi(app, api_key is not None)  # type: ignore[method-assign]
-    sse = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                 "description": "JSON, or server-sent events with `stream: true`"}}
-
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=sse)
-    async def completions(body: CompletionRequest, request: HTTPRequest):
-        return await create_completion(body, request, state)
-
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=sse)
-    async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
-        return await create_chat_completion(body, request, state)
-
-    @app.get("/v1/models", response_model=ModelList)
-    async def models():
-        card = ModelCard(id=state.model_name, created=state.created, root=str(state.llm.engine.config.model),
-                         max_model_len=state.max_model_len)
-        return JSONResponse(ModelList(data=[card]).model_dump())
-
-    @app.get("/health", response_class=Response, responses={200: {"description": "the engine is running (empty body)"}})
-    async def health():
-        if state.llm.is_dead:
-            return error_response(503, str(state.llm.error or "The engine is not running."))
-        return Response(status_code=200)
-
-    @app.get("/version", response_model=VersionResponse)
-    async def version():
-        return JSONResponse({"version": __version__})
-
-    @app.post("/tokenize", response_model=TokenizeResponse)
-    async def tokenize(body: TokenizeRequest):
-        state.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise InvalidRequestError("give exactly one of prompt and messages", "prompt")
-        size = len(body.prompt) if body.prompt is not None else sum(len(m.text()) for m in body.messages)
-        if size <= INLINE_PROMPT_SIZE:
-            return _tokenize(state, body)
-        if body.prompt is None or size <= WORKER_PROMPT_CHARS or not Path(state.tokenizer.name).is_file():
-            return await asyncio.to_thread(_tokenize, state, body)
-        return Response(await tokenizer_worker.tokenize(body.prompt, body.add_special_tokens, body.return_token_strs,
-                                                        state.max_model_len), media_type="application/json")
-
-    @app.post("/detokenize", response_model=DetokenizeResponse)
-    async def detokenize(body: DetokenizeRequest):
-        state.check_model(body.model)
-        vocab = state.llm.engine.model.config.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
-        if len(body.tokens) <= INLINE_PROMPT_SIZE:
-            return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})
-        return JSONResponse({"prompt": await asyncio.to_thread(state.tokenizer.decode, body.tokens)})
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        tok = state.tokenizer
-        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token,
-                "eos_token_ids": tok.eos_token_ids, "model_max_length": state.max_model_len,
-                "vocab_size": tok.vocab_size, "chat_template": tok.chat_template}
-
-    @app.get("/metrics", response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
-    async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
+    app.openapi = lambda: _openapi(app, config.api_key is not None)  # type: ignore[method-assign]
     return app
-
-
-def _tokenize(state: ServerState, body: TokenizeRequest) -> Response:
-    """/tokenize's work, which grows with the input (run off the loop for large ones).
-
-    NOTE: the JSON is built in slices: one `json.dumps` of a million-token list would hold the
-    GIL, and so the event loop, for half a second."""
-    tok = state.tokenizer
-    if body.messages is not None:
-        ids = tok.encode(render_chat(state, body.messages, body.add_generation_prompt))
-    else:
-        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    parts = [f'{{"count": {len(ids)}, "max_model_len": {state.max_model_len}, "tokens": [']
-    parts += [(", " if i else "") + ", ".join(map(str, ids[i:i + JSON_SLICE])) for i in range(0, len(ids), JSON_SLICE)]
-    if body.return_token_strs:
-        strs = [tok.id_to_token(i) for i in ids]
-        parts.append('], "token_strs": [')
-        parts += [(", " if i else "") + json.dumps(strs[i:i + JSON_SLICE], ensure_ascii=False)[1:-1]
-                  for i in range(0, len(strs), JSON_SLICE)]
-    parts.append("]}")
-    return Response("".join(parts).encode("utf-8"), media_type="application/json")
 
 
 def _openapi(app: FastAPI, bearer: bool) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 The tokenizer's template (`chat_template` in tokenizer_config.json, Jinja, as in HF) runs in a
 sandboxed Jinja environment. Checkpoints without one (the ELAS base models) get the documented
 plain template: one `role: content` line per message, then `assistant:` to be completed.
+Streams send the assistant role with the first output, as vLLM does.
 """
 
 from __future__ import annotations
@@ -12,30 +13,75 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from functools import lru_cache
+from typing import Literal
 
+from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
-from elas_serve.engine.request import TokenLogprob
-from elas_serve.errors import InvalidRequestError
+from elas_serve.outputs import RequestOutput, TokenLogprob
+from elas_serve.sampling_params import InvalidRequestError, SamplingParams
+from elas_serve.tokenizer import Tokenizer
 
-from .completions import sse
-from .protocol import ChatCompletionRequest, ChatMessage, error_body
-from .serving import (
-    Choice,
-    ServerState,
-    SSEResponse,
-    clamp,
-    client_gone,
-    collect,
-    merged_stream,
-    prepare,
-    submit,
-    token_str,
-)
+from .completion import SSE_RESPONSES
+from .protocol import Bool, ChatMessage, Int, SamplingFields, Usage, error_body, ranged
+from .serving import OpenAIServing, SSEResponse, clamp, client_gone, collect, merged_stream, sse, token_str
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
                   "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: ranged("max_tokens", Int) | None = None
+    max_completion_tokens: ranged("max_tokens", Int) | None = None
+    logprobs: Bool = False
+    top_logprobs: ranged("logprobs", Int) | None = None
+    add_generation_prompt: Bool = True
+
+    def to_sampling_params(self) -> SamplingParams:
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs to be true", "top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(max_tokens, logprobs, None)
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprobEntry(ChatTokenLogprob):
+    top_logprobs: list[ChatTokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobEntry]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length", "abort"] | None
+    stop_reason: str | int | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
 
 
 @lru_cache(maxsize=8)
@@ -51,79 +97,97 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_chat(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                template: str | None = None) -> str:
+    """The prompt text of `messages`: `template`, else the tokenizer's, else the plain one."""
     from jinja2.exceptions import TemplateError
 
-    tok = state.tokenizer
-    template = tok.chat_template or PLAIN_TEMPLATE
     try:
-        return _compile(template).render(
+        return _compile(template or tokenizer.chat_template or PLAIN_TEMPLATE).render(
             messages=[{"role": m.role, "content": m.text()} for m in messages],
-            add_generation_prompt=add_generation_prompt, eos_token=tok.eos_token or "", bos_token="")
+            add_generation_prompt=add_generation_prompt, eos_token=tokenizer.eos_token or "", bos_token="")
     except TemplateError as e:
         raise InvalidRequestError(f"the chat template failed on these messages: {e}", "messages") from None
 
 
-def chat_logprobs(state: ServerState, token_ids: list[int], entries: list[TokenLogprob]) -> dict:
-    def item(token_id: int, logprob: float) -> dict:
-        s = token_str(state.tokenizer, token_id, False)
-        return {"token": s, "logprob": clamp(logprob), "bytes": list(s.encode("utf-8"))}
+class OpenAIServingChat(OpenAIServing):
+    chat_template: str | None = None
 
-    return {"content": [{**item(t, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
-                        for t, e in zip(token_ids, entries)]}
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.tokenizer, messages, add_generation_prompt, self.chat_template)
+
+    def logprobs(self, token_ids: list[int], entries: list[TokenLogprob]) -> dict:
+        def item(token_id: int, logprob: float) -> dict:
+            s = token_str(self.tokenizer, token_id, False)
+            return {"token": s, "logprob": clamp(logprob), "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [{**item(t, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
+                            for t, e in zip(token_ids, entries)]}
+
+    async def create(self, body: ChatCompletionRequest, http: HTTPRequest):
+        self.check_model(body.model)
+        params = body.to_sampling_params()
+        prompt = await asyncio.to_thread(self.render, body.messages, body.add_generation_prompt)
+        prepared = await self.prepare([prompt], params)
+        streams = self.submit(prepared, params)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        num_prompt = len(prepared[0].prompt_token_ids)
+        if body.stream:
+            return SSEResponse(self._stream(body, streams, head, num_prompt, params.n), streams)
+        results = await collect(http, streams)
+        if results is None:
+            return client_gone()
+        return await asyncio.to_thread(self._response, body, head, results[0], num_prompt)
+
+    def _response(self, body: ChatCompletionRequest, head: dict, result: RequestOutput,
+                  num_prompt: int) -> JSONResponse:
+        completion_tokens = sum(len(c.token_ids) for c in result.outputs)
+        return JSONResponse({
+            **head, "object": "chat.completion",
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": self.logprobs(c.token_ids, c.logprobs or []) if body.logprobs else None,
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                        for c in result.outputs],
+            "usage": {"prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
+                      "total_tokens": num_prompt + completion_tokens}})
+
+    async def _stream(self, body: ChatCompletionRequest, streams: list, head: dict, num_prompt: int,
+                      n: int) -> AsyncIterator[str]:
+        head = {**head, "object": "chat.completion.chunk"}
+        opts = body.stream_options
+        include_usage = bool(opts and opts.include_usage)
+
+        def chunk(choice: dict) -> str:
+            data = {**head, "choices": [choice]}
+            return sse({**data, "usage": None} if include_usage else data)
+
+        generated, started = 0, False
+        try:
+            async for _, out in merged_stream(streams):
+                if not started:  # the role comes first, as OpenAI sends it
+                    started = True
+                    for i in range(n):
+                        yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None})
+                for c in out.outputs:
+                    generated += len(c.token_ids)
+                    if not c.token_ids and not c.text and not c.finished:
+                        continue
+                    lp = self.logprobs(c.token_ids, c.logprobs or []) if body.logprobs else None
+                    yield chunk({"index": c.index, "delta": {"content": c.text}, "logprobs": lp,
+                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": {"prompt_tokens": num_prompt, "completion_tokens": generated,
+                                                            "total_tokens": num_prompt + generated}})
+        except Exception as e:  # noqa: BLE001 (reported in-band: the status line is already sent)
+            yield sse(error_body(500, f"the request failed while streaming: {e}"))
+        yield sse("[DONE]")
 
 
-async def create_chat_completion(body: ChatCompletionRequest, http: HTTPRequest, state: ServerState):
-    state.check_model(body.model)
-    params = body.to_sampling_params()
-    prompt = await asyncio.to_thread(render_chat, state, body.messages, body.add_generation_prompt)
-    children = await prepare(state, [prompt], params)
-    streams = submit(state, children)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
-    num_prompt = children[0].num_prompt_tokens
-    if body.stream:
-        return SSEResponse(_stream(state, body, streams, head, num_prompt), streams)
-    choices = [Choice(0, c.prompt_token_ids) for c in children]
-    if not await collect(http, streams, choices):
-        return client_gone()
-    return await asyncio.to_thread(_response, state, body, head, choices, num_prompt)
+router = APIRouter()
 
 
-def _response(state: ServerState, body: ChatCompletionRequest, head: dict, choices: list[Choice],
-              num_prompt: int) -> JSONResponse:
-    completion_tokens = sum(len(c.token_ids) for c in choices)
-    return JSONResponse({
-        **head, "object": "chat.completion",
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                     "logprobs": chat_logprobs(state, c.token_ids, c.logprobs) if body.logprobs else None,
-                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                    for i, c in enumerate(choices)],
-        "usage": {"prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
-                  "total_tokens": num_prompt + completion_tokens}})
-
-
-async def _stream(state: ServerState, body: ChatCompletionRequest, streams: list, head: dict,
-                  num_prompt: int) -> AsyncIterator[str]:
-    head = {**head, "object": "chat.completion.chunk"}
-    opts = body.stream_options
-    include_usage = bool(opts and opts.include_usage)
-    generated = 0
-    try:
-        for i in range(len(streams)):  # the role comes first, as OpenAI sends it
-            chunk = {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]}
-            yield sse({**chunk, "usage": None} if include_usage else chunk)
-        async for index, out in merged_stream(streams):
-            generated += len(out.new_token_ids)
-            if not out.new_token_ids and not out.new_text and not out.finished:
-                continue
-            lp = chat_logprobs(state, out.new_token_ids, out.new_logprobs or []) if body.logprobs else None
-            chunk = {**head, "choices": [{"index": index, "delta": {"content": out.new_text}, "logprobs": lp,
-                                          "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]}
-            yield sse({**chunk, "usage": None} if include_usage else chunk)
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": {"prompt_tokens": num_prompt, "completion_tokens": generated,
-                                                        "total_tokens": num_prompt + generated}})
-    except Exception as e:  # noqa: BLE001 (reported in-band: the status line is already sent)
-        yield sse(error_body(500, f"the request failed while streaming: {e}"))
-    yield sse("[DONE]")
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE_RESPONSES)
+async def create_chat_completion(body: ChatCompletionRequest, request: HTTPRequest):
+    serving: OpenAIServingChat = request.app.state.serving_chat
+    return await serving.create(body, request)

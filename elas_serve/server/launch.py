@@ -1,4 +1,4 @@
-"""`elas-serve serve`: load the model, start the engine thread, run uvicorn, drain on SIGTERM.
+"""`elas-serve serve`: start the engine core (its own process), run uvicorn, drain on SIGTERM.
 
 Shutdown (SIGTERM or SIGINT): stop accepting (new requests get 503, /health too), let in-flight
 requests finish for up to `shutdown_timeout` seconds, abort what is left, then exit 0. A second
@@ -14,11 +14,10 @@ import signal
 
 import uvicorn
 
-from elas_serve.config import DEFAULT_MAX_CHOICES, EngineConfig
-from elas_serve.engine.async_engine import AsyncLLM
-from elas_serve.engine.llm_engine import LLMEngine
+from elas_serve.config import EngineConfig, ServerConfig
+from elas_serve.frontend import AsyncLLM, EngineClient
 
-from .app import DEFAULT_MAX_BODY_BYTES, create_app
+from .app import build_app
 from .serving import ServerState
 
 log = logging.getLogger("elas_serve.server")
@@ -26,9 +25,9 @@ ABORT_GRACE_SECONDS = 2.0  # for aborted requests to finish after the drain or a
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, client: EngineClient, state: ServerState, shutdown_timeout: float):
         super().__init__(config)
-        self.state, self.shutdown_timeout = state, shutdown_timeout
+        self.client, self.state, self.shutdown_timeout = client, state, shutdown_timeout
         self._tasks: list[asyncio.Task] = []  # the drain, then maybe an immediate stop
         self._stopping = False
 
@@ -41,10 +40,10 @@ class DrainingServer(uvicorn.Server):
             loop.call_soon_threadsafe(lambda: self._tasks.append(loop.create_task(self._stop())))
 
     async def _drain(self) -> None:
-        llm = self.state.llm
-        log.info("draining: %d request(s) in flight, up to %.0f s", llm.num_unfinished, self.shutdown_timeout)
+        client = self.client
+        log.info("draining: %d request(s) in flight, up to %.0f s", client.num_unfinished, self.shutdown_timeout)
         deadline = asyncio.get_running_loop().time() + self.shutdown_timeout
-        while llm.num_unfinished and asyncio.get_running_loop().time() < deadline and not llm.is_dead:
+        while client.num_unfinished and asyncio.get_running_loop().time() < deadline and client.dead_error is None:
             await asyncio.sleep(0.05)
         await self._stop()
 
@@ -54,28 +53,28 @@ class DrainingServer(uvicorn.Server):
         if self._stopping:
             return
         self._stopping = True
-        llm = self.state.llm
-        if llm.num_unfinished:
-            log.info("aborting %d request(s) in flight", llm.num_unfinished)
-        llm.abort_all()
+        client = self.client
+        if client.num_unfinished:
+            log.info("aborting %d request(s) in flight", client.num_unfinished)
+        client.abort_all()
         deadline = asyncio.get_running_loop().time() + ABORT_GRACE_SECONDS
-        while llm.num_unfinished and asyncio.get_running_loop().time() < deadline and not llm.is_dead:
+        while client.num_unfinished and asyncio.get_running_loop().time() < deadline and client.dead_error is None:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)  # let aborted responses send their last bytes
         self.should_exit = True
 
 
-def serve(config: EngineConfig, host: str, port: int, served_model_name: str, api_key: str | None,
-          max_queued_requests: int | None, shutdown_timeout: float = 30.0,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_choices_per_request: int = DEFAULT_MAX_CHOICES) -> int:
-    engine = LLMEngine.from_config(config)
-    llm = AsyncLLM(engine)
-    state = ServerState(llm, served_model_name, max_queued_requests, max_choices_per_request)
-    app = create_app(state, api_key, max_body_bytes)
-    log.info("serving %s (%s, FFN backend %s, max_model_len %d, %d KV blocks of %d tokens) on http://%s:%d",
-             served_model_name, engine.model.output_weight.dtype, engine.ffn_backend, engine.max_model_len,
-             engine.block_manager.num_usable_blocks, config.block_size, host, port)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                           timeout_graceful_shutdown=5), state, shutdown_timeout)
+def serve(engine_config: EngineConfig, config: ServerConfig) -> int:
+    """Start the engine core (its own process), then the HTTP server; returns the exit code."""
+    client = AsyncLLM(engine_config)
+    state = ServerState()
+    model_name = config.model_name(engine_config)
+    app = build_app(client, config, model_name, state)
+    info = client.model_info
+    log.info("serving %s (%s on %s, FFN backend %s, max_model_len %d, %d KV blocks of %d tokens) on http://%s:%d",
+             model_name, info.dtype, info.device, info.ffn_backend, info.max_model_len, info.num_kv_blocks,
+             info.block_size, config.host, config.port)
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                           timeout_graceful_shutdown=5), client, state, config.shutdown_timeout)
     server.run()
     return 0

@@ -1,28 +1,30 @@
 """Prometheus metrics (design section 6): vLLM's names with the `elas:` prefix, label `model_name`.
 
-A `StatLogger` of the engine: counters and histograms are fed from engine steps and finished
-requests (on the engine thread; prometheus_client is thread-safe). Gauges read live engine state
-at scrape time, so they are right even when the engine is idle (after an abort, say).
+A `StatLogger` of the engine client: counters and histograms are fed from the statistics the
+front end publishes with every batch of core outputs (`IterationStats`); gauges read the client's
+latest published snapshot at scrape time. Nothing here reads engine internals.
 Latency buckets start at 0.5 ms: a small model decodes a token in a few milliseconds.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from elas_serve.engine.async_engine import AsyncLLM
-from elas_serve.engine.request import Request
-from elas_serve.engine.stats import StepStats
+from elas_serve.frontend import EngineClient, IterationStats
 
 FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
                 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0,
                    2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
+STEP_PHASES = ("schedule", "forward", "output")
 
 
 class PrometheusMetrics:
-    def __init__(self, llm: AsyncLLM, model_name: str, ffn_backend: str):
+    def __init__(self, client: EngineClient, model_name: str):
         self.registry = registry = CollectorRegistry()
         labels = {"model_name": model_name}
         m = ["model_name"]
@@ -30,10 +32,9 @@ class PrometheusMetrics:
         def gauge(name: str, doc: str, fn) -> None:
             Gauge(name, doc, m, registry=registry).labels(**labels).set_function(fn)
 
-        scheduler, blocks = llm.engine.scheduler, llm.engine.block_manager
-        gauge("elas:num_requests_running", "Requests in model execution batches.", lambda: len(scheduler.running))
-        gauge("elas:num_requests_waiting", "Requests waiting to be scheduled.", lambda: llm.num_queued)
-        gauge("elas:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", lambda: blocks.usage)
+        gauge("elas:num_requests_running", "Requests in model execution batches.", lambda: client.stats.num_running)
+        gauge("elas:num_requests_waiting", "Requests waiting to be scheduled.", lambda: client.num_queued)
+        gauge("elas:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", lambda: client.stats.kv_cache_usage)
 
         def counter(name: str, doc: str):
             return Counter(name, doc, m, registry=registry).labels(**labels)
@@ -61,37 +62,46 @@ class PrometheusMetrics:
                                 REQUEST_BUCKETS)
         step = Histogram("elas:step_seconds", "Engine step time by phase (schedule, forward, output).",
                          m + ["phase"], buckets=FAST_BUCKETS, registry=registry)
-        self.step = {p: step.labels(phase=p, **labels) for p in ("schedule", "forward", "output")}
+        self.step = {p: step.labels(phase=p, **labels) for p in STEP_PHASES}
         Gauge("elas:ffn_backend_info", "The FFN backend serving this model (value 1).", m + ["backend"],
-              registry=registry).labels(backend=ffn_backend, **labels).set(1)
+              registry=registry).labels(backend=client.model_info.ffn_backend, **labels).set(1)
         self.density = Gauge("elas:ffn_activation_density",
                              "Sampled fraction of non-zeros after squared ReLU, before 2:4.", m,
                              registry=registry).labels(**labels)
 
-    def on_step(self, stats: StepStats) -> None:
-        self.prompt_tokens.inc(stats.num_prompt_tokens)
-        self.generation_tokens.inc(stats.num_generation_tokens)
-        self.preemptions.inc(stats.num_preemptions)
-        self.prefix_queries.inc(stats.num_prefix_queried_tokens)
-        self.prefix_hits.inc(stats.num_prefix_hit_tokens)
+    def record(self, stats: IterationStats) -> None:
+        if (s := stats.scheduler) is not None:
+            self.prompt_tokens.inc(s.num_prompt_tokens)
+            self.generation_tokens.inc(s.num_generation_tokens)
+            self.preemptions.inc(s.num_preemptions)
+            self.prefix_queries.inc(s.num_prefix_queried_tokens)
+            self.prefix_hits.inc(s.num_prefix_hit_tokens)
+            for phase, seconds in (s.step_seconds or {}).items():
+                self.step[phase].observe(seconds)
+            if s.ffn_activation_density is not None:
+                self.density.set(s.ffn_activation_density)
         for value in stats.ttfts:
             self.ttft.observe(value)
         for value in stats.itls:
             self.itl.observe(value)
-        for phase, seconds in stats.phase_seconds.items():
-            self.step[phase].observe(seconds)
-        if stats.ffn_activation_density is not None:
-            self.density.set(stats.ffn_activation_density)
-
-    def on_finished(self, req: Request) -> None:
-        t = req.times
-        self.success[req.status.finish_reason].inc()
-        self.e2e.observe(t.finished - t.arrival)
-        if t.first_scheduled is not None:
-            self.queue.observe(t.first_scheduled - t.arrival)
-            if t.first_token is not None:
-                self.prefill.observe(t.first_token - t.first_scheduled)
-                self.decode.observe(t.last_token - t.first_token)
+        for f in stats.finished:
+            self.success[f.finish_reason].inc()
+            self.e2e.observe(f.e2e)
+            if f.queue is not None:
+                self.queue.observe(f.queue)
+            if f.prefill is not None:
+                self.prefill.observe(f.prefill)
+            if f.decode is not None:
+                self.decode.observe(f.decode)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+async def metrics(request: HTTPRequest):
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

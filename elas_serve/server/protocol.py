@@ -1,5 +1,5 @@
-"""Request and response bodies of the HTTP API (OpenAI's fields plus vLLM's extensions), and the
-error shape.
+"""What every endpoint's bodies share (OpenAI's fields plus vLLM's extensions), and the error shape;
+each endpoint module defines its own request and response models from these.
 
 Types are strict: JSON booleans are not integers, numbers are not strings, floats are finite, and
 every string must be valid Unicode (a lone surrogate such as "\\ud800" is refused). Numeric ranges
@@ -16,8 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
-from elas_serve.errors import InvalidRequestError
-from elas_serve.sampling_params import MAX_STOP_CHARS, RANGES, SamplingParams
+from elas_serve.sampling_params import MAX_STOP_CHARS, RANGES, InvalidRequestError, SamplingParams
 
 MAX_N = 128
 MAX_STOP_STRINGS = 16  # NOTE: above OpenAI's 4: lm-eval sends every `until` string plus EOS
@@ -114,32 +113,6 @@ class SamplingFields(Base):
                               skip_special_tokens=self.skip_special_tokens, **given)
 
 
-class CompletionRequest(SamplingFields):
-    prompt: Str | list[Str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: ranged("max_tokens", Int) | None = 16
-    echo: Bool = False
-    logprobs: ranged("logprobs", Int) | None = None
-    suffix: Str | None = None
-    return_tokens_as_token_ids: Bool = False
-
-    def prompts(self) -> list[str | list[int]]:
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            prompts = [p]
-        else:
-            prompts = list(p)
-        if not prompts:
-            raise InvalidRequestError("prompt must not be empty", "prompt")
-        if self.suffix:
-            raise InvalidRequestError("suffix is not supported", "suffix")
-        return prompts  # type: ignore[return-value]
-
-    def to_sampling_params(self) -> SamplingParams:
-        max_tokens = 16 if self.max_tokens is None else self.max_tokens
-        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs)
-
-
 class ContentPart(Base):
     type: Str
     text: Str | None = None
@@ -159,36 +132,6 @@ class ChatMessage(Base):
                 raise InvalidRequestError("only text content parts are supported", "messages")
             parts.append(part.text)
         return "".join(parts)
-
-
-class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: ranged("max_tokens", Int) | None = None
-    max_completion_tokens: ranged("max_tokens", Int) | None = None
-    logprobs: Bool = False
-    top_logprobs: ranged("logprobs", Int) | None = None
-    add_generation_prompt: Bool = True
-
-    def to_sampling_params(self) -> SamplingParams:
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        if self.top_logprobs is not None and not self.logprobs:
-            raise InvalidRequestError("top_logprobs needs logprobs to be true", "top_logprobs")
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens, logprobs, None)
-
-
-class TokenizeRequest(Base):
-    model: Str | None = None
-    prompt: Str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: Bool = True
-    add_generation_prompt: Bool = True
-    return_token_strs: Bool = False
-
-
-class DetokenizeRequest(Base):
-    model: Str | None = None
-    tokens: list[TokenId]
 
 
 # ---------------------------------------------------------------------------------- responses
@@ -212,66 +155,6 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length", "abort"] | None
-    stop_reason: str | int | None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ChatTokenLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatLogprobEntry(ChatTokenLogprob):
-    top_logprobs: list[ChatTokenLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatLogprobEntry]
-
-
-class ChatResponseMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatResponseMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length", "abort"] | None
-    stop_reason: str | int | None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -284,17 +167,6 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str | None] | None = None
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
 
 
 class VersionResponse(BaseModel):

@@ -1,31 +1,41 @@
-"""What the completion endpoints share: fanning a request out into engine requests (prompts x n),
-merging their streams, admission control, and rendering tokens and log-probs.
+"""What the endpoints share: `OpenAIServing`, the base of each endpoint's serving class (vLLM's
+shape: it holds an `EngineClient` and the server's config, nothing else), the errors that map to
+HTTP statuses, and the plumbing of streams: admission, merging the prompts of one request,
+server-sent events, client disconnects.
 
-Every child request is validated before any is submitted, so a bad prompt in a list leaves nothing
-running. Leaving a merged stream early (client gone, error) cancels every child, which aborts it
-in the engine and frees its KV blocks.
+Every prompt of a request is prepared (tokenized and checked) before any is submitted, so a bad
+prompt in a list leaves nothing running; admission control and submission happen with no await
+in between. Leaving a merged stream early (client gone, error) closes every stream, which aborts
+its requests in the engine and frees their KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from fastapi import Request as HTTPRequest
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from elas_serve.config import DEFAULT_MAX_CHOICES
-from elas_serve.engine.async_engine import AsyncLLM, RequestStream
-from elas_serve.engine.request import Request, RequestOutput, TokenLogprob
-from elas_serve.errors import InvalidRequestError
-from elas_serve.sampling_params import SamplingParams
-from elas_serve.tokenizer import Tokenizer
+from elas_serve.config import ServerConfig
+from elas_serve.frontend import EngineClient, PreparedPrompt, RequestStream
+from elas_serve.outputs import RequestOutput
+from elas_serve.sampling_params import InvalidRequestError, SamplingParams
+
+from .protocol import error_body
 
 MIN_LOGPROB = -9999.0  # -inf is not valid JSON (vLLM clamps the same way)
-INLINE_PROMPT_SIZE = 4096  # characters or token ids: prompts up to this size are prepared on the loop
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape (503s say when to retry)."""
+    headers = {**({"Retry-After": "1"} if status == 503 else {}), **(headers or {})}
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers or None)
 
 
 class ServiceUnavailable(Exception):
@@ -36,129 +46,60 @@ class ModelNotFound(Exception):
     """A request named a model this server does not serve: HTTP 404."""
 
 
-@dataclass
 class ServerState:
-    llm: AsyncLLM
-    model_name: str
-    max_queued_requests: int | None = None
-    max_choices_per_request: int = DEFAULT_MAX_CHOICES
-    draining: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
+    """Mutable state of the running server: whether it is draining (set by the signal handler)."""
 
-    def __post_init__(self) -> None:
-        if self.max_queued_requests is not None and self.max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be at least 1 (or unset for no limit), "
-                             f"got {self.max_queued_requests}")
-        if self.max_choices_per_request < 1:
-            raise ValueError(f"max_choices_per_request must be at least 1, got {self.max_choices_per_request}")
+    def __init__(self) -> None:
+        self.draining = False
+        self.created = int(time.time())
+
+
+class OpenAIServing:
+    def __init__(self, client: EngineClient, config: ServerConfig, model_name: str, state: ServerState):
+        self.client, self.config, self.model_name, self.state = client, config, model_name, state
 
     @property
-    def tokenizer(self) -> Tokenizer:
-        return self.llm.engine.tokenizer
+    def tokenizer(self):
+        return self.client.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.engine.max_model_len
+        return self.client.model_info.max_model_len
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise ModelNotFound(f"The model `{model}` does not exist (this server serves `{self.model_name}`).")
 
+    def check_fanout(self, num_prompts: int, n: int) -> None:
+        """A request becomes `num_prompts * n` engine requests: refuse (400) what exceeds
+        `--max-choices-per-request`, or what the queue limit could never admit."""
+        num, limit = num_prompts * n, self.config.max_queued_requests
+        param = "n" if n > 1 else "prompt"
+        if num > self.config.max_choices_per_request:
+            raise InvalidRequestError(f"this request asks for {num} choices ({num_prompts} prompt(s) x n={n}); the "
+                                      f"server allows at most {self.config.max_choices_per_request} per request "
+                                      f"(--max-choices-per-request)", param)
+        if limit is not None and num > limit:
+            raise InvalidRequestError(f"this request asks for {num} choices ({num_prompts} prompt(s) x n={n}), "
+                                      f"more than the queue ever admits at once ({limit}, --max-queued-requests)",
+                                      param)
 
-@dataclass
-class Choice:
-    """Accumulated result of one child request (one choice of the response)."""
+    async def prepare(self, prompts: list[str | list[int]], params: SamplingParams) -> list[PreparedPrompt]:
+        self.check_fanout(len(prompts), params.n)
+        return await self.client.prepare(prompts, params)
 
-    prompt_index: int
-    prompt_token_ids: list[int]
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-    def add(self, out: RequestOutput) -> None:
-        self.text += out.new_text
-        self.token_ids += out.new_token_ids
-        self.logprobs += out.new_logprobs or []
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        if out.finished:
-            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
-
-
-def check_fanout(state: ServerState, num_prompts: int, n: int) -> None:
-    """A request becomes `num_prompts * n` engine requests: refuse (400) what exceeds
-    `--max-choices-per-request`, or what the queue limit could never admit."""
-    num = num_prompts * n
-    param = "n" if n > 1 else "prompt"
-    if num > state.max_choices_per_request:
-        raise InvalidRequestError(f"this request asks for {num} choices ({num_prompts} prompt(s) x n={n}); the "
-                                  f"server allows at most {state.max_choices_per_request} per request "
-                                  f"(--max-choices-per-request)", param)
-    if state.max_queued_requests is not None and num > state.max_queued_requests:
-        raise InvalidRequestError(f"this request asks for {num} choices ({num_prompts} prompt(s) x n={n}), more "
-                                  f"than the queue ever admits at once ({state.max_queued_requests}, "
-                                  f"--max-queued-requests)", param)
-
-
-def _tokenize(state: ServerState, prompts: list[str | list[int]]) -> list[list[int] | None]:
-    """Token ids of the text prompts (None for token-id prompts). A text that cannot fit the
-    context whatever its tokenization is refused before tokenizing it."""
-    tok, limit = state.tokenizer, state.max_model_len
-    texts = {i: p for i, p in enumerate(prompts) if isinstance(p, str) and p}
-    for i, text in texts.items():
-        # NOTE: a token stands for at most max_token_bytes bytes; the 2x margin covers normalizers
-        # that shrink the text (accent stripping) before it is split
-        at_least = len(text) // (2 * tok.max_token_bytes)
-        if at_least > limit:
-            where = f"prompt {i}: " if len(prompts) > 1 else ""
-            raise InvalidRequestError(
-                f"{where}This model's maximum context length is {limit} tokens. However, your prompt "
-                f"contains at least {at_least} input tokens, which leaves no room for the completion.", "prompt")
-    ids = dict(zip(texts, tok.encode_batch(list(texts.values())))) if texts else {}
-    return [ids.get(i) for i in range(len(prompts))]
-
-
-def make_children(state: ServerState, prompts: list[str | list[int]], params: SamplingParams
-                  ) -> list[Request]:
-    """Validated engine requests, prompt-major then sample index (the choice order). Takes time
-    proportional to the prompts: call it on a worker thread (`prepare`), never on the event loop."""
-    engine = state.llm.engine
-    base = uuid.uuid4().hex
-    children = []
-    for i, (prompt, ids) in enumerate(zip(prompts, _tokenize(state, prompts))):
-        for j in range(params.n):
-            try:
-                children.append(engine.make_request(f"{base}-{i}-{j}", prompt if ids is None else ids,
-                                                    params.child(j)))
-            except InvalidRequestError as e:
-                raise InvalidRequestError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e), e.param) from None
-            prompt, ids = children[-1].prompt_token_ids, None  # tokenized and checked once per prompt
-    return children
-
-
-async def prepare(state: ServerState, prompts: list[str | list[int]], params: SamplingParams) -> list[Request]:
-    """Fan-out limits, then `make_children`: inline for small prompts, else on a worker thread."""
-    check_fanout(state, len(prompts), params.n)
-    if sum(len(p) for p in prompts) <= INLINE_PROMPT_SIZE:
-        return make_children(state, prompts, params)
-    return await asyncio.to_thread(make_children, state, prompts, params)
-
-
-def submit(state: ServerState, children: list[Request]) -> list[RequestStream]:
-    """Admission control, then submit every child. NOTE: no await in here, so the check and the
-    submissions are atomic with respect to other requests on the event loop."""
-    if state.draining:
-        raise ServiceUnavailable("The server is shutting down and accepts no new requests.")
-    if state.llm.is_dead:
-        raise ServiceUnavailable("The engine is not running.")
-    limit = state.max_queued_requests
-    if limit is not None and state.llm.num_queued + len(children) > limit:
-        raise ServiceUnavailable(f"The request queue is full ({state.llm.num_queued} queued, limit {limit}); "
-                                 "retry later.")
-    return [state.llm.submit(req) for req in children]
+    def submit(self, prompts: list[PreparedPrompt], params: SamplingParams) -> list[RequestStream]:
+        """Admission control, then submit every prompt. NOTE: no await in here, so the check and
+        the submissions are atomic with respect to other requests on the event loop."""
+        if self.state.draining:
+            raise ServiceUnavailable("The server is shutting down and accepts no new requests.")
+        if self.client.dead_error is not None:
+            raise ServiceUnavailable(str(self.client.dead_error))
+        limit, queued = self.config.max_queued_requests, self.client.num_queued
+        if limit is not None and queued + len(prompts) * params.n > limit:
+            raise ServiceUnavailable(f"The request queue is full ({queued} queued, limit {limit}); retry later.")
+        base = uuid.uuid4().hex
+        return [self.client.submit(p, params, f"{base}-{i}") for i, p in enumerate(prompts)]
 
 
 def close_all(streams: list[RequestStream]) -> None:
@@ -166,24 +107,16 @@ def close_all(streams: list[RequestStream]) -> None:
         stream.close()
 
 
-class SSEResponse(StreamingResponse):
-    """Server-sent events whose engine requests are aborted however the response ends, even when
-    the client is gone before the first byte (then the body iterator never starts)."""
-
-    def __init__(self, content: AsyncIterator[str], streams: list[RequestStream]):
-        super().__init__(content, media_type="text/event-stream")
-        self.streams = streams
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            close_all(self.streams)
-
-
 async def merged_stream(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of all children as they come, tagged with the child's index; leaving early (or an
-    error) closes every stream, aborting the unfinished requests."""
+    """Outputs of every prompt's stream as they come, tagged with the prompt's index; leaving early
+    (or an error) closes every stream, aborting the unfinished requests."""
+    if len(streams) == 1:  # NOTE: the common case, without a task and a queue per output
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            close_all(streams)
+        return
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: RequestStream) -> None:
@@ -210,6 +143,26 @@ async def merged_stream(streams: list[RequestStream]) -> AsyncIterator[tuple[int
         close_all(streams)
 
 
+class SSEResponse(StreamingResponse):
+    """Server-sent events whose engine requests are aborted however the response ends, even when
+    the client is gone before the first byte (then the body iterator never starts)."""
+
+    def __init__(self, content: AsyncIterator[str], streams: list[RequestStream]):
+        super().__init__(content, media_type="text/event-stream")
+        self.streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close_all(self.streams)
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event. NOTE: allow_nan=False: a bare NaN is not JSON (log-probs are clamped)."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
+
+
 async def wait_for_disconnect(request: HTTPRequest) -> None:
     """Returns when the client closes the connection (the body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -234,27 +187,41 @@ async def run_unless_disconnected(request: HTTPRequest, coro) -> bool:
     return True
 
 
-async def collect(http: HTTPRequest, streams: list[RequestStream], choices: list[Choice]) -> bool:
-    """Run every child to the end into `choices`; False if the client left first (then every
-    child was aborted)."""
+async def collect(http: HTTPRequest, streams: list[RequestStream]) -> list[RequestOutput] | None:
+    """Every prompt's whole result (completions accumulated from the deltas), or None if the client
+    left first (then every request was aborted)."""
+    results: list[RequestOutput | None] = [None] * len(streams)
+
     async def run() -> None:
-        async for index, out in merged_stream(streams):
-            choices[index].add(out)
+        async for index, delta in merged_stream(streams):
+            if results[index] is None:
+                results[index] = delta
+                continue
+            result = results[index]
+            for c in delta.outputs:
+                for whole in result.outputs:
+                    if whole.index == c.index:
+                        whole.add(c)
+                        break
+                else:
+                    result.outputs.append(c)
+            result.prompt_logprobs = result.prompt_logprobs or delta.prompt_logprobs
+            result.finished = delta.finished
 
     try:
-        return await run_unless_disconnected(http, run())
+        ok = await run_unless_disconnected(http, run())
     finally:
         close_all(streams)
-
-
-CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
+    for r in results if ok else ():
+        r.outputs.sort(key=lambda c: c.index)
+    return results if ok else None  # type: ignore[return-value]
 
 
 def client_gone() -> Response:
     return Response(status_code=CLIENT_GONE)
 
 
-def token_str(tokenizer: Tokenizer, token_id: int, as_id: bool) -> str:
+def token_str(tokenizer, token_id: int, as_id: bool) -> str:
     return f"token_id:{token_id}" if as_id else tokenizer.decode([token_id], skip_special_tokens=False)
 
 
