@@ -31,7 +31,7 @@ def server(tmp_path_factory, tokenizer_file):
 
 def _continuation_loglikelihood(server, context: str, continuation: str) -> float:
     """lm-eval's `_encode_pair` tokenization, scored by a full forward of the model."""
-    tok, model = server.engine.tokenizer, server.engine.model
+    tok, model = server.llm.tokenizer, server.engine.model
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_server_process.py -v
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -106,3 +107,33 @@ def test_fused_backend_on_cpu_serves_what_dense_serves(ckpt):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
     assert texts["fused"] == texts["dense"]
+
+
+def test_a_dead_engine_core_is_noticed_at_once(ckpt):
+    """The core process is killed mid-stream: the stream ends with an error event, a waiting
+    non-streamed request gets a 503, /health says why, the log too; SIGTERM still exits 0."""
+    proc, url = start(ckpt)
+    try:
+        children = subprocess.check_output(["pgrep", "-a", "-P", str(proc.pid)], text=True).splitlines()
+        core = int(next(c for c in children if "spawn_main" in c).split()[0])  # not the resource tracker
+        t, result = stream_in_background(url, max_tokens=1900)
+        waiting: dict = {}
+        body = {"model": "m", "prompt": "It is", "max_tokens": 1900, "ignore_eos": True}
+        w = threading.Thread(target=lambda: waiting.update(r=httpx.post(f"{url}/v1/completions", json=body,
+                                                                        timeout=60)))
+        w.start()
+        assert result["first"].wait(30)
+        os.kill(core, signal.SIGKILL)
+        t.join(10)
+        w.join(10)
+        assert not t.is_alive() and not w.is_alive(), "a request hung after the core died"
+        assert result.get("done") and result["chunks"][-1]["error"]["code"] in (500, 503)
+        assert waiting["r"].status_code == 503
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "engine core process exited" in health.json()["error"]["message"]
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 503
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "engine core process exited unexpectedly (exit code -9)" in proc.stdout.read()
+    finally:
+        proc.kill()

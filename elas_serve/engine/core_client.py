@@ -129,7 +129,6 @@ class MPCoreClient:
         self._out_reader, out_writer = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=_core_process_main, args=(config, cmd_reader, out_writer),
                                    name="elas-engine-core", daemon=True)
-        self._stopping = False
         self.process.start()
         cmd_reader.close()
         out_writer.close()
@@ -174,7 +173,8 @@ class MPCoreClient:
                 outputs = self._out_reader.recv()
             except (EOFError, OSError):
                 self.process.join(5)
-                if self.process.exitcode != 0 or not self._stopping:
+                # NOTE: the core exits 0 only when told to (shutdown, or this process closing)
+                if self.process.exitcode != 0:
                     on_outputs(EngineCoreOutputs([], SchedulerStats(), dead=(
                         f"the engine core process exited unexpectedly (exit code {self.process.exitcode})")))
                 return
@@ -186,7 +186,6 @@ class MPCoreClient:
         self._commands.put((kind, arg))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self._stopping = True
         self.send("shutdown")
         self._commands.put(None)
         self.process.join(timeout)
