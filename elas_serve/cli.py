@@ -64,6 +64,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, only: tuple[str
             meta["type"] = byte_size
         if isinstance(default, bool):
             action = "store_false" if default else "store_true"
+            if default:  # NOTE: a flag that turns a default-on feature off says so
+                help_text = f"turn off: {help_text}"
             parser.add_argument(flag, dest=f.name, action=action, default=default, help=help_text)
             continue
         meta.setdefault("type", _scalar_type(cls, f.name))
@@ -115,8 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine, server = config_from_args(EngineConfig, args), config_from_args(ServerConfig, args)
+    logging.basicConfig(level=server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if engine.ffn_backend in ("sparse24", "fused") and not engine.device.startswith("cuda") and (
             engine.device == "cpu" or not _cuda_available()):
         # NOTE: Triton kernels run on the CPU only in the interpreter, which must be chosen

@@ -10,6 +10,7 @@ resolved by the engine core once the model is loaded.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ from typing import Any
 from elas_serve.utils import DEMO_CHECKPOINT
 
 FFN_BACKEND_CHOICES = ("auto", "dense", "sparse24", "fused")
+
+
+def parse_list(text: str) -> list[str]:
+    """'["a", "b"]' (JSON, as vLLM's flags take it) or 'a,b' -> ['a', 'b']."""
+    text = text.strip()
+    if text.startswith("["):
+        value = json.loads(text)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a JSON list of strings, got {text!r}")
+        return value
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -85,6 +97,18 @@ class ServerConfig:
     max_request_bytes: int = opt(16 << 20, "refuse (413) request bodies larger than this, e.g. 16M",
                                  byte_size=True)
     shutdown_timeout: float = opt(30.0, "seconds in-flight requests get to finish after SIGTERM")
+    chat_template: str | None = opt(None, "Jinja chat template: a file, or the template itself (default: the "
+                                          "tokenizer's, else a plain 'role: content' one)")
+    allowed_origins: list[str] | None = opt(None, "CORS: origins allowed to call the API from a browser, as a "
+                                                  "JSON list or comma-separated (default: none)",
+                                            type=lambda text: parse_list(text))
+    root_path: str = opt("", "path prefix when served behind a proxy that strips it (FastAPI's root_path)")
+    log_level: str = opt("info", "elas-serve's log level", choices=("debug", "info", "warning", "error"))
+    uvicorn_log_level: str = opt("info", "uvicorn's log level (info: one access line per request)",
+                                 choices=("debug", "info", "warning", "error", "critical", "trace"))
+    disable_log_requests: bool = opt(False, "no log line per received request")
+    disable_log_stats: bool = opt(False, "no periodic stats line")
+    log_stats_interval: float = opt(10.0, "seconds between stats lines")
 
     def __post_init__(self) -> None:
         if self.max_queued_requests is not None and self.max_queued_requests < 1:
@@ -96,6 +120,20 @@ class ServerConfig:
                              "without one")
         if self.max_request_bytes < 1 or self.shutdown_timeout < 0:
             raise ValueError("--max-request-bytes must be positive and --shutdown-timeout not negative")
+        if self.log_stats_interval <= 0:
+            raise ValueError("--log-stats-interval must be positive")
+        if self.root_path and not self.root_path.startswith("/"):
+            raise ValueError(f"--root-path must start with '/', got {self.root_path!r}")
+
+    def load_chat_template(self) -> str | None:
+        """The template text: `chat_template` read from its file, or as given when it is not a path."""
+        if self.chat_template is None:
+            return None
+        path = Path(self.chat_template)
+        try:
+            return path.read_text() if path.is_file() else self.chat_template
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template {self.chat_template}: cannot read ({e})") from None
 
     def model_name(self, engine: EngineConfig) -> str:
         if self.served_model_name:

@@ -108,6 +108,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-k log-probs per sampled token (the sampled one always)
     prompt_logprobs: int | None = None  # same for prompt tokens (echo); first token gets None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens (-1: max_model_len)
+    best_of: int | None = None  # sample this many, return the n of highest cumulative log-prob
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -118,6 +121,13 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 check_range(name, value)
+        if self.best_of is not None and not (isinstance(self.best_of, int) and self.best_of >= self.n):
+            raise InvalidRequestError(f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}", "best_of")
+        if self.truncate_prompt_tokens is not None and not (
+                isinstance(self.truncate_prompt_tokens, int) and (self.truncate_prompt_tokens >= 1
+                                                                  or self.truncate_prompt_tokens == -1)):
+            raise InvalidRequestError(f"truncate_prompt_tokens must be at least 1, or -1 (the context length), got "
+                                      f"{self.truncate_prompt_tokens!r}", "truncate_prompt_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got "
                                       f"{self.min_tokens}", "min_tokens")
@@ -150,7 +160,14 @@ class SamplingParams:
         """The largest token id these params name (-1 if none): checked against the vocabulary."""
         return max([*self.stop_token_ids, *(self.logit_bias or ())], default=-1)
 
+    @property
+    def num_samples(self) -> int:
+        """Completions sampled for one prompt: `best_of` when given, else `n`."""
+        return self.best_of or self.n
+
     def child(self, index: int) -> "SamplingParams":
-        """The params of the `index`-th of `n` samples: n=1, distinct seed when seeded."""
+        """The params of the `index`-th sample: n=1, distinct seed when seeded; with `best_of`,
+        log-probs of the sampled tokens (the choice ranks by them)."""
         seed = None if self.seed is None else (self.seed + index) % (2 ** 63)
-        return replace(self, n=1, seed=seed)
+        logprobs = self.logprobs if self.best_of is None or self.logprobs is not None else 0
+        return replace(self, n=1, best_of=None, seed=seed, logprobs=logprobs)

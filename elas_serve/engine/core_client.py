@@ -129,6 +129,7 @@ class MPCoreClient:
         self._out_reader, out_writer = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=_core_process_main, args=(config, cmd_reader, out_writer),
                                    name="elas-engine-core", daemon=True)
+        self._closing = False
         self.process.start()
         cmd_reader.close()
         out_writer.close()
@@ -172,11 +173,11 @@ class MPCoreClient:
             try:
                 outputs = self._out_reader.recv()
             except (EOFError, OSError):
+                if self._closing:  # asked to stop: the pipe closing is the expected end
+                    return
                 self.process.join(5)
-                # NOTE: the core exits 0 only when told to (shutdown, or this process closing)
-                if self.process.exitcode != 0:
-                    on_outputs(EngineCoreOutputs([], SchedulerStats(), dead=(
-                        f"the engine core process exited unexpectedly (exit code {self.process.exitcode})")))
+                on_outputs(EngineCoreOutputs([], SchedulerStats(), dead=(
+                    f"the engine core process exited unexpectedly (exit code {self.process.exitcode})")))
                 return
             on_outputs(outputs)
             if outputs.dead:
@@ -186,6 +187,7 @@ class MPCoreClient:
         self._commands.put((kind, arg))
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self._closing = True
         self.send("shutdown")
         self._commands.put(None)
         self.process.join(timeout)

@@ -1,7 +1,8 @@
 """OutputProcessor: the core's token deltas -> text deltas, stop strings, `n` completions per prompt.
 
 One `ParentRequest` per submitted prompt holds its `n` `ChildRequest`s (engine requests
-`{id}-{i}`). For each core output the child's tokens are detokenized incrementally and checked
+`{id}-{i}`; with `best_of > n`, `best_of` of them, and only the n of highest cumulative log-prob
+come out, once all have finished). For each core output the child's tokens are detokenized incrementally and checked
 against the stop strings (once `min_tokens` are out): a stop string and what follows are cut, the
 child finishes with "stop", and its id is returned to be aborted in the core. While a child runs,
 the longest tail of its text that could still grow into a stop string is held back, so a stop
@@ -55,6 +56,8 @@ class ChildRequest:
     finish_reason: str | None = None
     first_token: float | None = None
     last_token: float | None = None
+    cumulative_logprob: float = 0.0
+    whole: CompletionOutput | None = None  # with best_of: the completion so far (nothing streams)
 
 
 @dataclass(slots=True)
@@ -91,7 +94,8 @@ class OutputProcessor:
 
     def add(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams, arrival: float) -> ParentRequest:
         children = [ChildRequest(f"{request_id}-{i}", i, params, IncrementalDetokenizer(
-            self.tokenizer, prompt.prompt_token_ids, params.skip_special_tokens), arrival) for i in range(params.n)]
+            self.tokenizer, prompt.prompt_token_ids, params.skip_special_tokens), arrival,
+            whole=CompletionOutput(i) if params.num_samples > params.n else None) for i in range(params.num_samples)]
         parent = ParentRequest(request_id, prompt, children)
         self.parents[request_id] = parent
         for c in children:
@@ -125,11 +129,19 @@ class OutputProcessor:
                 parent.prompt_logprobs = out.prompt_logprobs
             parent.num_cached_tokens = out.num_cached_tokens
             delta = self._advance(parent, child, out, now, result)
+            if child.whole is not None:
+                child.whole.add(delta)
+                if not parent.finished:
+                    continue
+                delta = None  # the best n of all, below
+            entry = deltas.setdefault(parent.request_id, (parent, []))
             if delta is not None:
-                deltas.setdefault(parent.request_id, (parent, []))[1].append(delta)
+                entry[1].append(delta)
         for parent, completions in deltas.values():
             if parent.error is not None:
                 continue
+            if parent.children[0].whole is not None:
+                completions = self._best(parent)
             result.outputs.append((parent, RequestOutput(
                 parent.request_id, parent.prompt.prompt, parent.prompt.prompt_token_ids, completions,
                 parent.prompt_logprobs, parent.finished, parent.num_cached_tokens)))
@@ -149,6 +161,7 @@ class OutputProcessor:
                 result.stats.itls.append(now - child.last_token)
             child.last_token = now
             child.num_output_tokens += len(out.new_token_ids)
+            child.cumulative_logprob += sum(lp.logprob for lp in out.new_logprobs or ())
             prev_len = len(child.detok.text)
             child.detok.push(out.new_token_ids)
             if p.stop and child.num_output_tokens >= p.min_tokens:
@@ -156,7 +169,8 @@ class OutputProcessor:
                 start = max(0, prev_len - p.max_stop_len + 1)
                 hits = [(i, s) for s in p.stop if (i := text.find(s, start)) >= 0]
                 if hits:
-                    child.stop_at, stop_reason = min(hits)
+                    at, stop_reason = min(hits)
+                    child.stop_at = at + len(stop_reason) if p.include_stop_str_in_output else at
                     if finish is None:
                         result.to_abort.append(child.request_id)
                     finish = "stop"
@@ -171,8 +185,19 @@ class OutputProcessor:
             child.finish_reason = finish
             del self.children[child.request_id]
             result.stats.finished.append(self._finished_stats(parent, child, finish, now, out.first_scheduled))
-        return CompletionOutput(child.index, text, list(out.new_token_ids),
-                                out.new_logprobs if p.logprobs is not None else None, finish, stop_reason)
+        logprobs = out.new_logprobs if p.logprobs is not None or child.whole is not None else None
+        return CompletionOutput(child.index, text, list(out.new_token_ids), logprobs, finish, stop_reason)
+
+    def _best(self, parent: ParentRequest) -> list[CompletionOutput]:
+        """best_of: the n completions of highest cumulative log-prob, renumbered 0..n-1."""
+        p = parent.children[0].params
+        best = sorted(parent.children, key=lambda c: c.cumulative_logprob, reverse=True)[:p.n]
+        out = []
+        for index, c in enumerate(best):
+            whole = c.whole
+            out.append(CompletionOutput(index, whole.text, whole.token_ids, whole.logprobs if p.logprobs is not None
+                                        else None, whole.finish_reason, whole.stop_reason))
+        return out
 
     def _fail(self, parent: ParentRequest, error: str, now: float, result: ProcessedOutputs) -> None:
         parent.error = error

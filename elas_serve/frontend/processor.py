@@ -43,7 +43,7 @@ class InputProcessor:
     def prepare(self, prompts: list[str | list[int]], params: SamplingParams) -> list[PreparedPrompt]:
         """Every prompt checked (errors name the prompt when there are several) before any is used."""
         self._check_params(params)
-        ids = self._tokenize(prompts)
+        ids = self._tokenize(prompts, params.truncate_prompt_tokens)
         out = []
         for i, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
             try:
@@ -58,11 +58,12 @@ class InputProcessor:
             raise InvalidRequestError(f"{param} names token id {params.max_token_id}, outside the vocabulary "
                                       f"[0, {self.vocab_size})", param)
 
-    def _tokenize(self, prompts: list[str | list[int]]) -> list[list[int] | None]:
-        """Token ids of the text prompts (None for token-id prompts)."""
+    def _tokenize(self, prompts: list[str | list[int]], truncate: int | None = None) -> list[list[int] | None]:
+        """Token ids of the text prompts (None for token-id prompts). Unless they are to be
+        truncated, texts too long for the context whatever their tokenization are refused first."""
         tok, limit = self.tokenizer, self.max_model_len
         texts = {i: p for i, p in enumerate(prompts) if isinstance(p, str) and p}
-        for i, text in texts.items():
+        for i, text in (texts.items() if truncate is None else ()):
             # NOTE: a token stands for at most max_token_bytes bytes; the 2x margin covers
             # normalizers that shrink the text (accent stripping) before it is split
             at_least = len(text) // (2 * tok.max_token_bytes)
@@ -83,6 +84,8 @@ class InputProcessor:
                                           "prompt")
         if not ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
+        if (keep := params.truncate_prompt_tokens) is not None:
+            ids = ids[-(self.max_model_len if keep == -1 else keep):]  # NOTE: vLLM truncates on the left
         room = self.max_model_len - len(ids)
         if room < 0 or (room == 0 and params.max_tokens != 0):
             raise InvalidRequestError(
@@ -92,8 +95,8 @@ class InputProcessor:
 
     def make_requests(self, prompt: PreparedPrompt, params: SamplingParams, request_id: str,
                       arrival_time: float) -> list[EngineCoreRequest]:
-        """The engine requests of one prompt: one per completion (`n`), ids `{request_id}-{i}`,
-        sample i seeded with `seed + i`."""
+        """The engine requests of one prompt: one per sample (`n`, or `best_of`), ids
+        `{request_id}-{i}`, sample i seeded with `seed + i`."""
         eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
         return [EngineCoreRequest(f"{request_id}-{i}", prompt.prompt_token_ids, params.child(i), prompt.max_tokens,
-                                  eos, arrival_time) for i in range(params.n)]
+                                  eos, arrival_time) for i in range(params.num_samples)]

@@ -12,6 +12,7 @@ handlers. `/openapi.json` documents exactly this: the error schema for every err
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,9 +32,9 @@ from elas_serve.frontend import EngineClient, EngineDeadError, RequestFailedErro
 from elas_serve.sampling_params import InvalidRequestError
 
 from . import chat, completion, metrics, models, tokenization
-from .chat import OpenAIServingChat
+from .chat import OpenAIServingChat, check_chat_template
 from .completion import OpenAIServingCompletion
-from .metrics import PrometheusMetrics
+from .metrics import LoggingStatLogger, PrometheusMetrics
 from .models import OpenAIServingModels
 from .protocol import ErrorResponse
 from .serving import ModelNotFound, ServerState, ServiceUnavailable, error_response
@@ -108,24 +110,37 @@ def build_app(client: EngineClient, config: ServerConfig, model_name: str,
         serving_completion=OpenAIServingCompletion, serving_chat=OpenAIServingChat,
         serving_tokenization=OpenAIServingTokenization, serving_models=OpenAIServingModels)
     metrics = PrometheusMetrics(client, model_name)
+    stats_log = None if config.disable_log_stats else LoggingStatLogger(client, config.log_stats_interval)
+    chat_template = config.load_chat_template()
+    if chat_template is not None:
+        check_chat_template(chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client.add_stat_logger(metrics)
+        if stats_log is not None:
+            client.add_stat_logger(stats_log)
+            stats_task = asyncio.create_task(stats_log.run())
         await app.state.serving_tokenization.start()
         yield
+        if stats_log is not None:
+            stats_task.cancel()
         await app.state.serving_tokenization.stop()
         client.shutdown()
 
     errors = {status: {"model": ErrorResponse} for status in ERROR_STATUSES}
-    app = FastAPI(title="elas-serve", version=__version__, lifespan=lifespan, responses=errors)
+    app = FastAPI(title="elas-serve", version=__version__, lifespan=lifespan, responses=errors,
+                  root_path=config.root_path)
     app.state.server = state
     app.state.metrics = metrics
     for name, cls in serving.items():
-        setattr(app.state, name, cls(client, config, model_name, state))
+        setattr(app.state, name, cls(client, config, model_name, state, chat_template))
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(GuardMiddleware, state=state, api_key=config.api_key, max_body_bytes=config.max_request_bytes)
+    if config.allowed_origins:  # NOTE: outermost, so that preflight requests need no API key
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
     _add_error_handlers(app)
     app.openapi = lambda: _openapi(app, config.api_key is not None)  # type: ignore[method-assign]
     return app

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
@@ -25,8 +25,18 @@ from elas_serve.sampling_params import InvalidRequestError, SamplingParams
 from elas_serve.tokenizer import Tokenizer
 
 from .completion import SSE_RESPONSES
-from .protocol import Bool, ChatMessage, Int, SamplingFields, Usage, error_body, ranged
-from .serving import OpenAIServing, SSEResponse, clamp, client_gone, collect, merged_stream, sse, token_str
+from .protocol import Bool, ChatMessage, Int, PromptLogprob, SamplingFields, Str, Usage, error_body, ranged
+from .serving import (
+    OpenAIServing,
+    SSEResponse,
+    clamp,
+    client_gone,
+    collect,
+    merged_stream,
+    prompt_logprobs_json,
+    sse,
+    token_str,
+)
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
                   "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -39,6 +49,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: Bool = False
     top_logprobs: ranged("logprobs", Int) | None = None
     add_generation_prompt: Bool = True
+    echo: Bool = False  # vLLM's: prepend the last message when it is the assistant's
+    chat_template: Str | None = None  # vLLM's: this request's template
+    chat_template_kwargs: dict[Str, Any] | None = None  # vLLM's: more variables for the template
 
     def to_sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -82,6 +95,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # with `prompt_logprobs`
 
 
 @lru_cache(maxsize=8)
@@ -97,24 +111,33 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+def check_chat_template(template: str) -> None:
+    """Refuse (ValueError: exit 2 at start-up) a template that does not compile."""
+    from jinja2.exceptions import TemplateError
+    try:
+        _compile(template)
+    except TemplateError as e:
+        raise ValueError(f"--chat-template does not compile: {e}") from None
+
+
 def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                template: str | None = None) -> str:
+                template: str | None = None, **variables: Any) -> str:
     """The prompt text of `messages`: `template`, else the tokenizer's, else the plain one."""
     from jinja2.exceptions import TemplateError
 
     try:
         return _compile(template or tokenizer.chat_template or PLAIN_TEMPLATE).render(
-            messages=[{"role": m.role, "content": m.text()} for m in messages],
+            **variables, messages=[{"role": m.role, "content": m.text()} for m in messages],
             add_generation_prompt=add_generation_prompt, eos_token=tokenizer.eos_token or "", bos_token="")
     except TemplateError as e:
         raise InvalidRequestError(f"the chat template failed on these messages: {e}", "messages") from None
 
 
 class OpenAIServingChat(OpenAIServing):
-    chat_template: str | None = None
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        return render_chat(self.tokenizer, messages, add_generation_prompt, self.chat_template)
+    def render(self, body: ChatCompletionRequest) -> str:
+        return render_chat(self.tokenizer, body.messages, body.add_generation_prompt,
+                           body.chat_template or self.chat_template, **(body.chat_template_kwargs or {}))
 
     def logprobs(self, token_ids: list[int], entries: list[TokenLogprob]) -> dict:
         def item(token_id: int, logprob: float) -> dict:
@@ -127,32 +150,37 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, body: ChatCompletionRequest, http: HTTPRequest):
         self.check_model(body.model)
         params = body.to_sampling_params()
-        prompt = await asyncio.to_thread(self.render, body.messages, body.add_generation_prompt)
+        prompt = await asyncio.to_thread(self.render, body)
         prepared = await self.prepare([prompt], params)
         streams = self.submit(prepared, params)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         num_prompt = len(prepared[0].prompt_token_ids)
+        last = body.messages[-1]
+        echo = last.text() if body.echo and last.role == "assistant" else ""
         if body.stream:
-            return SSEResponse(self._stream(body, streams, head, num_prompt, params.n), streams)
+            return SSEResponse(self._stream(body, streams, head, num_prompt, params.n, echo), streams)
         results = await collect(http, streams)
         if results is None:
             return client_gone()
-        return await asyncio.to_thread(self._response, body, head, results[0], num_prompt)
+        return await asyncio.to_thread(self._response, body, head, results[0], num_prompt, echo)
 
-    def _response(self, body: ChatCompletionRequest, head: dict, result: RequestOutput,
-                  num_prompt: int) -> JSONResponse:
+    def _response(self, body: ChatCompletionRequest, head: dict, result: RequestOutput, num_prompt: int,
+                  echo: str) -> JSONResponse:
         completion_tokens = sum(len(c.token_ids) for c in result.outputs)
-        return JSONResponse({
+        response = {
             **head, "object": "chat.completion",
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": echo + c.text},
                          "logprobs": self.logprobs(c.token_ids, c.logprobs or []) if body.logprobs else None,
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                         for c in result.outputs],
             "usage": {"prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
-                      "total_tokens": num_prompt + completion_tokens}})
+                      "total_tokens": num_prompt + completion_tokens}}
+        if body.prompt_logprobs is not None:
+            response["prompt_logprobs"] = prompt_logprobs_json(self.tokenizer, result.prompt_logprobs)
+        return JSONResponse(response)
 
     async def _stream(self, body: ChatCompletionRequest, streams: list, head: dict, num_prompt: int,
-                      n: int) -> AsyncIterator[str]:
+                      n: int, echo: str) -> AsyncIterator[str]:
         head = {**head, "object": "chat.completion.chunk"}
         opts = body.stream_options
         include_usage = bool(opts and opts.include_usage)
@@ -169,6 +197,9 @@ class OpenAIServingChat(OpenAIServing):
                     for i in range(n):
                         yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None})
+                        if echo:
+                            yield chunk({"index": i, "delta": {"content": echo}, "logprobs": None,
+                                         "finish_reason": None})
                 for c in out.outputs:
                     generated += len(c.token_ids)
                     if not c.token_ids and not c.text and not c.finished:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from elas_serve.outputs import RequestOutput, TokenLogprob
 from elas_serve.sampling_params import InvalidRequestError, SamplingParams
 
-from .protocol import Bool, Int, SamplingFields, Str, TokenId, Usage, error_body, ranged
+from .protocol import Bool, Int, PromptLogprob, SamplingFields, Str, TokenId, Usage, error_body, ranged
 from .serving import (
     OpenAIServing,
     SSEResponse,
@@ -30,6 +30,7 @@ from .serving import (
     client_gone,
     collect,
     merged_stream,
+    prompt_logprobs_json,
     sse,
     token_str,
 )
@@ -71,6 +72,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None
     finish_reason: Literal["stop", "length", "abort"] | None
     stop_reason: str | int | None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # with `prompt_logprobs`
 
 
 class CompletionResponse(BaseModel):
@@ -112,8 +114,11 @@ class OpenAIServingCompletion(OpenAIServing):
             for c in result.outputs:
                 i = p * n + c.index
                 text, lp = render.piece(i, p, result, c.text, c.token_ids, c.logprobs or [], first=True)
-                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
-                                "stop_reason": c.stop_reason})
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                          "stop_reason": c.stop_reason}
+                if render.body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs_json(self.tokenizer, result.prompt_logprobs)
+                choices.append(choice)
         usage = _usage(sum(len(r.prompt_token_ids) for r in results),
                        sum(len(c.token_ids) for r in results for c in r.outputs))
         return JSONResponse({**head, "choices": choices, "usage": usage})
@@ -135,8 +140,11 @@ class OpenAIServingCompletion(OpenAIServing):
                     if not (first and body.echo) and not c.token_ids and not c.text and not c.finished:
                         continue
                     text, lp = render.piece(i, p, out, c.text, c.token_ids, c.logprobs or [], first)
-                    chunk = {**head, "choices": [{"index": i, "text": text, "logprobs": lp,
-                                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+                    choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                              "stop_reason": c.stop_reason}
+                    if first and body.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = prompt_logprobs_json(self.tokenizer, out.prompt_logprobs)
+                    chunk = {**head, "choices": [choice]}
                     if include_usage:
                         chunk["usage"] = _usage(num_prompt_tokens, generated) if continuous else None
                     yield sse(chunk)

@@ -74,7 +74,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig) -> int:
     log.info("serving %s (%s on %s, FFN backend %s, max_model_len %d, %d KV blocks of %d tokens) on http://%s:%d",
              model_name, info.dtype, info.device, info.ffn_backend, info.max_model_len, info.num_kv_blocks,
              info.block_size, config.host, config.port)
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
                                            timeout_graceful_shutdown=5), client, state, config.shutdown_timeout)
     server.run()
     return 0

@@ -1,4 +1,5 @@
-"""Prometheus metrics (design section 6): vLLM's names with the `elas:` prefix, label `model_name`.
+"""Prometheus metrics (design section 6): vLLM's names with the `elas:` prefix, label `model_name`;
+and the periodic stats line of the log (`LoggingStatLogger`).
 
 A `StatLogger` of the engine client: counters and histograms are fed from the statistics the
 front end publishes with every batch of core outputs (`IterationStats`); gauges read the client's
@@ -7,6 +8,10 @@ Latency buckets start at 0.5 ms: a small model decodes a token in a few millisec
 """
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import time
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
@@ -20,6 +25,7 @@ FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0,
                    2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
+log = logging.getLogger("elas_serve.server")
 STEP_PHASES = ("schedule", "forward", "output")
 
 
@@ -96,6 +102,40 @@ class PrometheusMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoggingStatLogger:
+    """vLLM's periodic stats line: prompt and generation throughput over the last interval,
+    running and waiting requests, KV-cache usage, prefix-cache hit rate (since start)."""
+
+    def __init__(self, client: EngineClient, interval: float):
+        self.client, self.interval = client, interval
+        self.last = time.monotonic()
+        self.prompt_tokens = self.generation_tokens = 0
+        self.prefix_queries = self.prefix_hits = 0
+
+    def record(self, stats: IterationStats) -> None:
+        if (s := stats.scheduler) is not None:
+            self.prompt_tokens += s.num_prompt_tokens
+            self.generation_tokens += s.num_generation_tokens
+            self.prefix_queries += s.num_prefix_queried_tokens
+            self.prefix_hits += s.num_prefix_hit_tokens
+
+    async def run(self) -> None:
+        """Every `interval` seconds, a line, if anything was served since the last one."""
+        while True:
+            await asyncio.sleep(self.interval)
+            if self.prompt_tokens or self.generation_tokens or self.client.num_unfinished:
+                self.log(time.monotonic())
+
+    def log(self, now: float) -> None:
+        elapsed, snap = now - self.last, self.client.stats
+        hit_rate = self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+        log.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
+                 "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                 self.prompt_tokens / elapsed, self.generation_tokens / elapsed, snap.num_running,
+                 self.client.num_queued, 100 * snap.kv_cache_usage, 100 * hit_rate)
+        self.last, self.prompt_tokens, self.generation_tokens = now, 0, 0
 
 
 router = APIRouter()

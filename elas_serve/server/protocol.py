@@ -87,9 +87,23 @@ class SamplingFields(Base):
     stream_options: StreamOptions | None = None
     user: Str | None = None
     skip_special_tokens: Bool = True
+    include_stop_str_in_output: Bool = False
+    truncate_prompt_tokens: Annotated[int, Strict(), Field(json_schema_extra={"minimum": -1})] | None = None
+    prompt_logprobs: ranged("prompt_logprobs", Int) | None = None
+    best_of: ranged("n", Int) | None = None
+
+    def check_supported(self) -> None:
+        """A field this server does not implement is a 400 naming it, never silently dropped."""
+        for name, value in (self.model_extra or {}).items():
+            harmless = UNSUPPORTED.get(name)
+            if harmless is not None and not harmless(value):
+                raise InvalidRequestError(f"{name} is not supported by this server (docs/api.md lists what is)", name)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None) -> SamplingParams:
+        self.check_supported()
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise InvalidRequestError("best_of > n cannot stream (the best are known at the end)", "best_of")
         if self.n > MAX_N:
             raise InvalidRequestError(f"n must be at most {MAX_N}, got {self.n}", "n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -97,6 +111,7 @@ class SamplingFields(Base):
             raise InvalidRequestError(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS}", "stop")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options can only be set when stream is true", "stream_options")
+        wanted = [v for v in (prompt_logprobs, self.prompt_logprobs) if v is not None]
         bias = None
         if self.logit_bias:
             bad = next((k for k in self.logit_bias if not (k.isascii() and k.isdigit())), None)
@@ -109,8 +124,31 @@ class SamplingFields(Base):
             "repetition_penalty": self.repetition_penalty}.items() if v is not None}
         return SamplingParams(n=self.n, max_tokens=max_tokens, logit_bias=bias, seed=self.seed, stop=stop,
                               stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-                              min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                              skip_special_tokens=self.skip_special_tokens, **given)
+                              min_tokens=self.min_tokens, logprobs=logprobs,
+                              prompt_logprobs=max(wanted) if wanted else None,
+                              skip_special_tokens=self.skip_special_tokens,
+                              include_stop_str_in_output=self.include_stop_str_in_output,
+                              truncate_prompt_tokens=self.truncate_prompt_tokens, best_of=self.best_of, **given)
+
+
+def _absent(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {}
+
+
+# Fields of OpenAI's or vLLM's API that this server does not implement, with the values that ask
+# for nothing (those pass); any other value is a 400 naming the field.
+UNSUPPORTED: dict[str, Any] = {
+    **{name: _absent for name in (
+        "tools", "functions", "function_call", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+        "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs", "logits_processors",
+        "allowed_token_ids", "bad_words", "audio", "prediction", "web_search_options", "continue_final_message",
+        "documents", "lora_request", "mm_processor_kwargs", "priority")},
+    "tool_choice": lambda v: _absent(v) or v == "none",
+    "parallel_tool_calls": lambda v: True,  # NOTE: means nothing without tools
+    "response_format": lambda v: _absent(v) or (isinstance(v, dict) and v.get("type") == "text"),
+    "modalities": lambda v: _absent(v) or v == ["text"],
+    "logprobs_mode": lambda v: _absent(v) or v == "raw_logprobs",
+}
 
 
 class ContentPart(Base):
@@ -147,6 +185,12 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int
+    decoded_token: str
 
 
 class Usage(BaseModel):

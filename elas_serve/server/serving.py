@@ -12,7 +12,9 @@ its requests in the engine and frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +29,7 @@ from elas_serve.sampling_params import InvalidRequestError, SamplingParams
 
 from .protocol import error_body
 
+log = logging.getLogger("elas_serve.server")
 MIN_LOGPROB = -9999.0  # -inf is not valid JSON (vLLM clamps the same way)
 CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
 
@@ -55,8 +58,10 @@ class ServerState:
 
 
 class OpenAIServing:
-    def __init__(self, client: EngineClient, config: ServerConfig, model_name: str, state: ServerState):
+    def __init__(self, client: EngineClient, config: ServerConfig, model_name: str, state: ServerState,
+                 chat_template: str | None = None):
         self.client, self.config, self.model_name, self.state = client, config, model_name, state
+        self.chat_template = chat_template  # --chat-template, read and checked
 
     @property
     def tokenizer(self):
@@ -99,7 +104,18 @@ class OpenAIServing:
         if limit is not None and queued + len(prompts) * params.n > limit:
             raise ServiceUnavailable(f"The request queue is full ({queued} queued, limit {limit}); retry later.")
         base = uuid.uuid4().hex
+        if not self.config.disable_log_requests:
+            log.info("request %s: %d prompt(s) of %s tokens, %s", base, len(prompts),
+                     ",".join(str(len(p.prompt_token_ids)) for p in prompts[:8]) + ("..." if len(prompts) > 8 else ""),
+                     describe_params(params))
         return [self.client.submit(p, params, f"{base}-{i}") for i, p in enumerate(prompts)]
+
+
+def describe_params(params: SamplingParams) -> str:
+    """The sampling params that differ from their defaults, for the request log."""
+    default = SamplingParams()
+    return ", ".join(f"{f.name}={getattr(params, f.name)!r}" for f in dataclasses.fields(params)
+                     if getattr(params, f.name) != getattr(default, f.name)) or "defaults"
 
 
 def close_all(streams: list[RequestStream]) -> None:
@@ -223,6 +239,26 @@ def client_gone() -> Response:
 
 def token_str(tokenizer, token_id: int, as_id: bool) -> str:
     return f"token_id:{token_id}" if as_id else tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def prompt_logprobs_json(tokenizer, entries: list | None) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: {logprob,
+    rank, decoded_token}} for the prompt's token and the top alternatives."""
+    if entries is None:
+        return None
+
+    def item(token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": clamp(logprob), "rank": rank, "decoded_token": token_str(tokenizer, token_id, False)}
+
+    out: list[dict | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        top = {str(t): item(t, lp, r) for r, (t, lp) in enumerate(e.top, start=1)}
+        top.setdefault(str(e.token_id), item(e.token_id, e.logprob, e.rank))
+        out.append(top)
+    return out
 
 
 def clamp(logprob: float) -> float:

@@ -55,7 +55,6 @@ class DetokenizeResponse(BaseModel):
 
 
 class OpenAIServingTokenization(OpenAIServing):
-    chat_template: str | None = None
     worker: TokenizerWorker | None = None  # started with the app (it needs the event loop)
 
     async def tokenize(self, body: TokenizeRequest) -> Response:
