@@ -18,7 +18,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from elas_serve.cli_help import DefaultsHelpFormatter
-from elas_serve.config import EngineConfig, ServerConfig
+from elas_serve.config import EngineConfig, ReplicaConfig, ServerConfig
 
 SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API", formatter_class=DefaultsHelpFormatter)
     add_config_flags(srv.add_argument_group("model and engine"), EngineConfig)
     add_config_flags(srv.add_argument_group("server"), ServerConfig)
+    add_config_flags(srv.add_argument_group("replicas on Ray Serve (pip install 'elas-serve[ray]'; docs/scaling.md)"),
+                     ReplicaConfig)
 
     gen = sub.add_parser("generate", help="complete one prompt offline and print the text",
                          formatter_class=DefaultsHelpFormatter)
@@ -130,6 +132,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("elas_serve").warning(
             "serving on %s without an API key: anyone who can reach this address can use the server "
             "(set --api-key or ELAS_SERVE_API_KEY)", server.host)
+    replicas = config_from_args(ReplicaConfig, args)
+    if replicas.enabled:
+        from elas_serve.ray_serve.launch import serve_on_ray
+        return serve_on_ray(engine, server, replicas)
     from elas_serve.server.launch import serve
     return serve(engine, server)
 

@@ -139,3 +139,37 @@ class ServerConfig:
         if self.served_model_name:
             return self.served_model_name
         return "elas-demo" if Path(engine.model) == DEMO_CHECKPOINT else str(engine.model)
+
+
+@dataclass(slots=True)
+class ReplicaConfig:
+    """Serving N engine replicas on Ray Serve (`elas-serve[ray]`); off unless a count is given."""
+
+    replicas: int | None = opt(None, "serve this many engine replicas on Ray Serve, behind one ingress")
+    min_replicas: int | None = opt(None, "autoscale: at least this many replicas (with --max-replicas)")
+    max_replicas: int | None = opt(None, "autoscale: at most this many replicas")
+    target_ongoing_requests: float = opt(16.0, "autoscale: requests in flight per replica to aim at")
+    ray_address: str | None = opt(None, "join a Ray cluster ('auto': the one `ray start` made here; default: "
+                                        "start a local one)")
+    replica_cpus: float = opt(1.0, "CPUs Ray reserves per replica")
+    replica_gpus: float | None = opt(None, "GPUs per replica (default: 1 when CUDA is present, else 0)")
+    routing: str = opt("prefix", "replica choice: prefix = by load with prefix affinity, round_robin",
+                       choices=("prefix", "round_robin"))
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "min_replicas", "max_replicas"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("give both --min-replicas and --max-replicas (or neither)")
+        if self.replicas is not None and self.min_replicas is not None:
+            raise ValueError("give --replicas or --min-replicas/--max-replicas, not both")
+        if self.min_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError("--min-replicas must not exceed --max-replicas")
+        if self.target_ongoing_requests <= 0 or self.replica_cpus < 0:
+            raise ValueError("--target-ongoing-requests must be positive and --replica-cpus not negative")
+
+    @property
+    def enabled(self) -> bool:
+        return self.replicas is not None or self.min_replicas is not None

@@ -41,6 +41,7 @@ class FinishedRequestStats:
     decode: float | None  # first token to last token
     num_prompt_tokens: int
     num_generation_tokens: int
+    engine: str | None = None  # which engine replica served it, when there are several
 
 
 @dataclass(slots=True)

@@ -36,6 +36,7 @@ from .serving import (
     prompt_logprobs_json,
     sse,
     token_str,
+    usage,
 )
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
@@ -173,8 +174,7 @@ class OpenAIServingChat(OpenAIServing):
                          "logprobs": self.logprobs(c.token_ids, c.logprobs or []) if body.logprobs else None,
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                         for c in result.outputs],
-            "usage": {"prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
-                      "total_tokens": num_prompt + completion_tokens}}
+            "usage": usage(num_prompt, completion_tokens, result.num_cached_tokens)}
         if body.prompt_logprobs is not None:
             response["prompt_logprobs"] = prompt_logprobs_json(self.tokenizer, result.prompt_logprobs)
         return JSONResponse(response)
@@ -189,9 +189,10 @@ class OpenAIServingChat(OpenAIServing):
             data = {**head, "choices": [choice]}
             return sse({**data, "usage": None} if include_usage else data)
 
-        generated, started = 0, False
+        generated, started, cached = 0, False, 0
         try:
             async for _, out in merged_stream(streams):
+                cached = out.num_cached_tokens
                 if not started:  # the role comes first, as OpenAI sends it
                     started = True
                     for i in range(n):
@@ -208,8 +209,7 @@ class OpenAIServingChat(OpenAIServing):
                     yield chunk({"index": c.index, "delta": {"content": c.text}, "logprobs": lp,
                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             if include_usage:
-                yield sse({**head, "choices": [], "usage": {"prompt_tokens": num_prompt, "completion_tokens": generated,
-                                                            "total_tokens": num_prompt + generated}})
+                yield sse({**head, "choices": [], "usage": usage(num_prompt, generated, cached)})
         except Exception as e:  # noqa: BLE001 (reported in-band: the status line is already sent)
             yield sse(error_body(500, f"the request failed while streaming: {e}"))
         yield sse("[DONE]")

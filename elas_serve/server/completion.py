@@ -33,6 +33,7 @@ from .serving import (
     prompt_logprobs_json,
     sse,
     token_str,
+    usage,
 )
 
 
@@ -84,11 +85,6 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, body: CompletionRequest, http: HTTPRequest):
         self.check_model(body.model)
@@ -119,9 +115,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 if render.body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = prompt_logprobs_json(self.tokenizer, result.prompt_logprobs)
                 choices.append(choice)
-        usage = _usage(sum(len(r.prompt_token_ids) for r in results),
-                       sum(len(c.token_ids) for r in results for c in r.outputs))
-        return JSONResponse({**head, "choices": choices, "usage": usage})
+        return JSONResponse({**head, "choices": choices, "usage": usage(
+            sum(len(r.prompt_token_ids) for r in results), sum(len(c.token_ids) for r in results for c in r.outputs),
+            sum(r.num_cached_tokens for r in results))})
 
     async def _stream(self, body: CompletionRequest, streams: list, head: dict, render: "_Renderer",
                       num_prompt_tokens: int) -> AsyncIterator[str]:
@@ -131,8 +127,10 @@ class OpenAIServingCompletion(OpenAIServing):
         n = render.n
         started = [False] * (len(streams) * n)
         generated = 0
+        cached: dict[int, int] = {}
         try:
             async for p, out in merged_stream(streams):
+                cached[p] = out.num_cached_tokens
                 for c in out.outputs:
                     i = p * n + c.index
                     first, started[i] = not started[i], True
@@ -146,10 +144,10 @@ class OpenAIServingCompletion(OpenAIServing):
                         choice["prompt_logprobs"] = prompt_logprobs_json(self.tokenizer, out.prompt_logprobs)
                     chunk = {**head, "choices": [choice]}
                     if include_usage:
-                        chunk["usage"] = _usage(num_prompt_tokens, generated) if continuous else None
+                        chunk["usage"] = usage(num_prompt_tokens, generated, sum(cached.values())) if continuous else None
                     yield sse(chunk)
             if include_usage:
-                yield sse({**head, "choices": [], "usage": _usage(num_prompt_tokens, generated)})
+                yield sse({**head, "choices": [], "usage": usage(num_prompt_tokens, generated, sum(cached.values()))})
         except Exception as e:  # noqa: BLE001 (reported in-band: the status line is already sent)
             yield sse(error_body(500, f"the request failed while streaming: {e}"))
         yield sse("[DONE]")

@@ -52,6 +52,9 @@ class PrometheusMetrics:
         self.prefix_hits = counter("elas:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         success = Counter("elas:request_success", "Finished requests by reason.", m + ["finished_reason"],
                           registry=registry)
+        self.by_replica = Counter("elas:replica_requests", "Finished requests by the engine replica that served "
+                                  "them (Ray Serve).", m + ["replica"], registry=registry)
+        self.model_name = model_name
         self.success = {r: success.labels(finished_reason=r, **labels) for r in FINISH_REASONS}
 
         def histogram(name: str, doc: str, buckets):
@@ -92,6 +95,8 @@ class PrometheusMetrics:
             self.itl.observe(value)
         for f in stats.finished:
             self.success[f.finish_reason].inc()
+            if f.engine is not None:
+                self.by_replica.labels(model_name=self.model_name, replica=f.engine).inc()
             self.e2e.observe(f.e2e)
             if f.queue is not None:
                 self.queue.observe(f.queue)

@@ -193,10 +193,15 @@ class PromptLogprob(BaseModel):
     decoded_token: str
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # served from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ModelCard(BaseModel):

@@ -111,6 +111,12 @@ class OpenAIServing:
         return [self.client.submit(p, params, f"{base}-{i}") for i, p in enumerate(prompts)]
 
 
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from the prefix cache."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
 def describe_params(params: SamplingParams) -> str:
     """The sampling params that differ from their defaults, for the request log."""
     default = SamplingParams()

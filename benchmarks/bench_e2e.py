@@ -1,0 +1,180 @@
+"""End-to-end offline generation: an ELAS checkpoint on our engine (each FFN backend) against a
+dense LLaMA of the same shape on our engine and on Hugging Face transformers `generate`.
+
+Random checkpoints at a preset shape (elas_serve/train/presets.py) are written to a temporary
+directory: the ELAS one (LORO low-rank, squared ReLU + 2:4, as the preset trains it) and a dense
+full-rank SwiGLU LLaMA with the same hidden size, layers, heads, vocabulary and SwiGLU width. Each
+engine generates the same greedy workload: B prompts of --input-len random token ids, exactly
+--output-len tokens each. Decode tok/s = B * (output_len - 1) / (T(output_len) - T(1)): the time
+of a 1-token run (prefill) is subtracted, for both engines alike. Both run in this process with
+the same torch threads. Writes docs/benchmarks/e2e_<device>_<preset>.{json,md}.
+
+Run: python benchmarks/bench_e2e.py --preset 60m --batch 1,8,32 [--device cpu] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DOCS, environment, write_results  # noqa: E402
+
+from elas_serve import LLM, SamplingParams  # noqa: E402
+from elas_serve.models import save_checkpoint  # noqa: E402
+from elas_serve.train.config import TrainConfig  # noqa: E402
+from elas_serve.train.presets import build_model  # noqa: E402
+from elas_serve.utils import DEMO_CHECKPOINT  # noqa: E402
+
+VOCAB = 32000  # LLaMA's, as the presets train; prompts draw ids the demo tokenizer knows
+
+
+def write_checkpoints(preset: str, root: Path, max_len: int) -> dict[str, Path]:
+    """{"elas": dir, "dense": dir}: random weights at `preset`'s shape."""
+    out = {}
+    for name, kw in (("elas", dict(ffn="relu2", lowrank_scope="all")), ("dense", dict(ffn="swiglu", lowrank_scope="none"))):
+        cfg = TrainConfig(data=["-"], out_dir=str(root), preset=preset, max_position_embeddings=max_len, **kw)
+        model = build_model(cfg, VOCAB, eos_token_id=0, device=torch.device("cpu"))
+        out[name] = save_checkpoint(model, root / name, tokenizer_file=DEMO_CHECKPOINT / "tokenizer.json")
+        del model
+    return out
+
+
+def prompts_of(batch: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 4096, (batch, length), generator=g).tolist()
+
+
+def time_ours(llm: LLM, prompts: list[list[int]], output_len: int, repeats: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+        assert all(len(r.outputs[0].token_ids) == output_len for r in out)
+    return statistics.median(times)
+
+
+def time_hf(model, prompts: list[list[int]], output_len: int, repeats: int, device: torch.device) -> float:
+    ids = torch.tensor(prompts, device=device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                                 min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        assert out.shape[1] == ids.shape[1] + output_len
+    return statistics.median(times)
+
+
+def decode_tok_s(batch: int, output_len: int, t_full: float, t_one: float) -> float:
+    return batch * (output_len - 1) / max(t_full - t_one, 1e-9)
+
+
+def run(preset: str, batches: list[int], input_len: int, output_len: int, device: str, dtype: str,
+        backends: list[str], threads: int | None, repeats: int, with_hf: bool = True) -> dict:
+    """The whole comparison (also the GPU suite's end-to-end stage); returns the results dict."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpts = write_checkpoints(preset, Path(tmp), input_len + output_len + 8)
+        engines = [("elas", b) for b in backends] + [("dense", "dense")]
+        bar = tqdm(total=len(engines) * len(batches) + (len(batches) if with_hf else 0), desc=f"e2e {preset}")
+        for model_name, backend in engines:
+            llm = LLM(model=ckpts[model_name], device=device, dtype=dtype, ffn_backend=backend,
+                      max_num_seqs=max(batches), max_model_len=input_len + output_len + 8, cpu_threads=threads,
+                      num_kv_blocks=max(batches) * (-(-(input_len + output_len + 8) // 16)) + 1)
+            time_ours(llm, prompts_of(1, input_len, 0), 2, 1)  # warm-up
+            for b in batches:
+                prompts = prompts_of(b, input_len, b)
+                t_full = time_ours(llm, prompts, output_len, repeats)
+                t_one = time_ours(llm, prompts, 1, repeats)
+                rows.append({"engine": "elas-serve", "model": model_name, "ffn_backend": backend, "batch": b,
+                             "t_full_s": t_full, "t_one_s": t_one,
+                             "decode_tok_s": decode_tok_s(b, output_len, t_full, t_one)})
+                bar.update()
+            del llm
+            gc.collect()
+        if with_hf:
+            from transformers import LlamaForCausalLM
+            hf = LlamaForCausalLM.from_pretrained(ckpts["dense"], dtype=getattr(torch, dtype if dtype != "auto" else (
+                "bfloat16" if dev.type == "cuda" else "float32"))).to(dev).eval()
+            time_hf(hf, prompts_of(1, input_len, 0), 2, 1, dev)
+            for b in batches:
+                prompts = prompts_of(b, input_len, b)
+                t_full = time_hf(hf, prompts, output_len, repeats, dev)
+                t_one = time_hf(hf, prompts, 1, repeats, dev)
+                rows.append({"engine": "transformers", "model": "dense", "ffn_backend": None, "batch": b,
+                             "t_full_s": t_full, "t_one_s": t_one,
+                             "decode_tok_s": decode_tok_s(b, output_len, t_full, t_one)})
+                bar.update()
+        bar.close()
+    hf_rate = {r["batch"]: r["decode_tok_s"] for r in rows if r["engine"] == "transformers"}
+    for r in rows:
+        if r["batch"] in hf_rate:
+            r["over_transformers"] = r["decode_tok_s"] / hf_rate[r["batch"]]
+    return {"preset": preset, "device": device, "dtype": dtype, "input_len": input_len, "output_len": output_len,
+            "threads": torch.get_num_threads(), "repeats": repeats, "results": rows}
+
+
+def markdown(data: dict) -> str:
+    env = data["environment"]
+    lines = [f"# End to end: ELAS {data['preset']} vs a dense LLaMA of its shape ({env['device']})", "",
+             f"Random weights, {data['input_len']} prompt + {data['output_len']} output tokens per sequence, greedy, "
+             f"{data['dtype']}, {data['threads']} torch threads, median of {data['repeats']}; decode tok/s excludes "
+             f"the prefill (a 1-token run's time is subtracted). torch {env['torch']}, commit {env['commit']}, "
+             f"{env['date']}.", "",
+             "| engine | model | FFN backend | batch | decode tok/s | / transformers (dense) |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in data["results"]:
+        ratio = f"{r['over_transformers']:.2f}x" if "over_transformers" in r else ""
+        lines.append(f"| {r['engine']} | {r['model']} | {r['ffn_backend'] or ''} | {r['batch']} | "
+                     f"{r['decode_tok_s']:.1f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="60m")
+    p.add_argument("--batch", default="1,8,32")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--backends", default=None, help="ELAS FFN backends (default: dense on CPU; every one on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: torch's)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--out", type=Path, default=DOCS)
+    args = p.parse_args(argv)
+    backends = args.backends.split(",") if args.backends else (
+        ["dense"] if args.device == "cpu" else ["dense", "sparse24", "fused", "auto"])
+    data = run(args.preset, [int(b) for b in args.batch.split(",")], args.input_len, args.output_len, args.device,
+               args.dtype, backends, args.threads, args.repeats, not args.no_transformers)
+    data["environment"] = environment(torch.device(args.device))
+    path = write_results(f"e2e_{torch.device(args.device).type}_{args.preset}", data, markdown(data), args.out)
+    print(markdown(data))
+    print(json.dumps({"results": str(path)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
