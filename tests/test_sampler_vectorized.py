@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from elas_serve.engine import sampler as S
-from elas_serve.engine.sampler import SamplingRow, _filter, apply_penalties, apply_penalties_ref, sample, sample_ref
+from elas_serve.engine.sampler import SamplingRow, apply_penalties, sample
+from elas_serve.engine.sampler_ref import _filter, apply_penalties_ref, sample_ref
 from elas_serve.sampling_params import SamplingParams
 
 
@@ -87,7 +88,7 @@ def dense_filtered(logits: torch.Tensor, rows: list[SamplingRow]) -> dict[int, t
            if not (0 < params[j].top_k < vocab or params[j].top_p < 1)}
     limited = [j for j, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
     if limited:
-        for js, w, ids in S._top_k_top_p(probs[limited], [params[j] for j in limited]):
+        for js, w, ids in S._top_k_top_p(probs, [params[j] for j in limited], limited):
             dense = torch.zeros(len(js), vocab).scatter_(1, ids, w)
             out.update({sampled[limited[j]]: dense[n] for n, j in enumerate(js)})
     return out
@@ -130,6 +131,35 @@ def test_unseeded_rows_follow_the_filtered_distribution():
         freq = torch.bincount(torch.tensor(tokens), minlength=6).float() / 4000
         kept = _filter(logits.clone(), params)
         assert torch.allclose(freq, kept / kept.sum(), atol=0.03), (params, freq)
+
+
+def test_wide_rows_draw_in_two_levels_from_the_filtered_distribution():
+    """V = 4096: the blockwise inverse CDF; min_p leaves zeros inside blocks, never drawn."""
+    g = torch.Generator().manual_seed(8)
+    vocab, n = 4096, 6000
+    base = torch.randn(vocab, generator=g) * 0.5
+    base[[5, 700, 2047, 4095]] += torch.tensor([4.0, 3.5, 3.0, 2.5])
+    shared = torch.Generator().manual_seed(2)
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, min_p=0.02)):
+        kept = _filter(base.clone(), params)
+        kept = kept / kept.sum()
+        tokens = torch.tensor(sample(base.expand(n, -1).clone(), [SamplingRow(params, [], [], [], shared)] * n))
+        assert bool((kept[tokens] > 0).all())
+        buckets = torch.tensor([5, 700, 2047, 4095])
+        freq = (tokens[:, None] == buckets).float().mean(0)
+        assert torch.allclose(freq, kept[buckets], atol=0.02), (params, freq, kept[buckets])
+        assert abs((tokens < 2048).float().mean() - kept[:2048].sum()) < 0.02
+
+
+def test_float64_redo_of_the_top_p_mass_changes_nothing(monkeypatch):
+    """Every top_p row redoes its mass in float64 (tolerance 1): still the reference's tokens."""
+    monkeypatch.setattr(S, "SUM_TOLERANCE", 1.0)
+    rng = random.Random(6)
+    rows = random_rows(rng, 64, 3000)
+    logits = make_logits("peaked", 64, 3000, torch.Generator().manual_seed(6))
+    pen = apply_penalties(logits.clone(), rows)
+    for i, probs in dense_filtered(pen, rows).items():
+        assert torch.equal(probs, _filter(pen[i].clone(), rows[i].params))
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
