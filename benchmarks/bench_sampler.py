@@ -16,6 +16,7 @@ both. Writes docs/benchmarks/sampler_cpu.{json,md} (--quick: a temporary directo
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -112,10 +113,12 @@ def markdown(result: dict) -> str:
              f"{result['repeats']} (milliseconds). The top_p=0.9 set at temperature 1 (tokens): "
              + "; ".join(f"{s}: median {n['median']:g}, p90 {n['p90']:g}, {100 * n['over_1024']:.0f}% of rows "
                          "over 1024" for s, n in result["nucleus"].items()) + ".", "",
-             "| logits | threads | batch | sample_ref (ms) | sample (ms) | speedup |", "|---|---|---|---|---|---|"]
+             f"The machine has {result['cpu_count']} cores; `load` is the 1-minute load average after each case "
+             "(other processes competing for them).", "",
+             "| logits | threads | batch | sample_ref (ms) | sample (ms) | speedup | load |", "|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         lines.append(f"| {r['style']} | {r['threads']} | {r['batch']} | {r['ref']['median_ms']:.2f} | "
-                     f"{r['new']['median_ms']:.2f} | {r['speedup']:.1f}x |")
+                     f"{r['new']['median_ms']:.2f} | {r['speedup']:.1f}x | {r['load_avg_1min']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows = make_rows(batch, args.vocab, 1)
                 ref, new = time_pair(logits, rows, args.repeats)
                 r = {"style": style, "threads": threads, "batch": batch, "ref": ref, "new": new,
-                     "speedup": ref["median_ms"] / new["median_ms"], "rows_checked_exact": checked}
+                     "speedup": ref["median_ms"] / new["median_ms"], "rows_checked_exact": checked,
+                     "load_avg_1min": os.getloadavg()[0]}  # NOTE: other work on the machine shows here
                 results.append(r)
                 print(f"{style:6s} threads={threads} batch={batch:4d}  sample_ref {ref['median_ms']:9.2f} ms  "
-                      f"sample {new['median_ms']:8.2f} ms  {r['speedup']:5.1f}x  ({checked} rows equal)", flush=True)
+                      f"sample {new['median_ms']:8.2f} ms  {r['speedup']:5.1f}x  ({checked} rows equal, "
+                      f"load {r['load_avg_1min']:.1f})", flush=True)
     env = environment(torch.device("cpu"))
     env["cpu_threads"] = args.threads
-    result = {"environment": env, "vocab": args.vocab, "repeats": args.repeats,
+    result = {"environment": env, "cpu_count": os.cpu_count(), "vocab": args.vocab, "repeats": args.repeats,
               "mix": [[name, {k: v for k, v in kw.items()}] for name, kw in MIX],
               "nucleus": {s: nucleus_stats(make_logits(s, 256, args.vocab, 0)) for s in styles},
               "results": results}

@@ -14,6 +14,12 @@ with an online softmax in float32. The grid is `(T // BLOCK_Q + B, Hkv)`, an upp
 q blocks known from shapes alone (as vLLM's unified Triton attention does): programs past their
 sequence's queries exit at once. No host sync anywhere, so it can be captured in a CUDA graph.
 Padded graph rows (block table of null blocks, seq_len 1) read slot 0 of the null block.
+
+A model step calls (all device tensors, int32 metadata):
+    store_kvcache(k, v, kv_cache, slot_mapping)  # kv_cache_store.py
+    o = paged_attention(q, kv_cache, block_tables, query_start_loc, seq_lens, scale)
+Tile sizes follow from shapes alone (`launch_config`); one kernel serves every batch (no split of
+the keys across programs: a decode of few long sequences runs B * Hkv programs).
 """
 
 from __future__ import annotations

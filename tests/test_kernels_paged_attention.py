@@ -119,6 +119,13 @@ def test_odd_group_sizes_and_head_dims(case):
     assert_close(batch.kernel(), batch.reference(), dtype)
 
 
+@pytest.mark.parametrize("spec", [(1, 40), (33, 33), (5, 77)], ids=["decode", "prefill", "chunk"])
+def test_single_sequence(spec):
+    """B == 1 (the JIT specializes an int argument equal to 1)."""
+    batch = make_batch([spec], 16, 4, 2, 64, torch.float32, seed=spec[1])
+    assert_close(batch.kernel(), batch.reference(), torch.float32)
+
+
 def test_query_block_boundaries():
     """Every chunk length around the 64-row q block, against sequences of one block and many."""
     specs = [(n, n + c) for n in (1, 2, 15, 16, 17, 63, 64, 65) for c in (0, 5)]
