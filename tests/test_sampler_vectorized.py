@@ -120,6 +120,19 @@ def test_batched_equals_per_row_reference(style, vocab, seed):
             assert filtered[i][tokens[i]] > 0, (i, r.params)
 
 
+def test_batched_filters_by_hand():
+    """The cases of test_sampler.test_filters_by_hand, as one batch through the batched path."""
+    logits = torch.log(torch.tensor([0.05, 0.15, 0.3, 0.5])).expand(5, -1).clone()
+    params = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.75),
+              SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=1.0, min_p=0.5),
+              SamplingParams(temperature=2.0)]
+    got = dense_filtered(logits, [SamplingRow(p, [], [], [], None) for p in params])
+    expected = [[0, 0, 0.3, 0.5], [0, 0, 0.3, 0.5], [0, 0, 0, 0.5], [0, 0, 0.3, 0.5],
+                torch.softmax(logits[0] / 2.0, -1).tolist()]
+    for i, e in enumerate(expected):
+        assert torch.allclose(got[i], torch.tensor(e)), (params[i], got[i])
+
+
 def test_unseeded_rows_follow_the_filtered_distribution():
     """4000 copies of each row in one batch: one uniform each from the shared generator."""
     logits = torch.log(torch.tensor([0.05, 0.1, 0.15, 0.2, 0.22, 0.28]))
