@@ -81,17 +81,20 @@ def nucleus_stats(logits: torch.Tensor, p: float = 0.9) -> dict:
 
 
 def time_pair(logits: torch.Tensor, rows: list[SamplingRow], repeats: int) -> tuple[dict, dict]:
-    """Milliseconds of `sample_ref` and `sample`, called in turn (so both see the same machine load);
-    the first round warms the allocator up and is not counted."""
-    samples: dict = {sample_ref: [], sample: []}
+    """Wall and process-CPU milliseconds of `sample_ref` and `sample`, called in turn (so both see
+    the same machine load); the first round warms the allocator up and is not counted.
+    NOTE: with 1 thread, CPU time leaves out the time other processes took the core."""
+    wall: dict = {sample_ref: [], sample: []}
+    cpu: dict = {sample_ref: [], sample: []}
     for _ in range(repeats + 1):
-        for fn, times in samples.items():
+        for fn in wall:
             x = logits.clone()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(x, rows)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return tuple({"median_ms": statistics.median(t[1:]), "min_ms": min(t[1:]), "repeats": repeats}
-                 for t in samples.values())
+            wall[fn].append((time.perf_counter() - t0) * 1e3)
+            cpu[fn].append((time.process_time() - c0) * 1e3)
+    return tuple({"median_ms": statistics.median(wall[fn][1:]), "min_ms": min(wall[fn][1:]),
+                  "cpu_median_ms": statistics.median(cpu[fn][1:]), "repeats": repeats} for fn in wall)
 
 
 def check(logits: torch.Tensor, batch: int, vocab: int) -> int:
@@ -115,10 +118,16 @@ def markdown(result: dict) -> str:
                          "over 1024" for s, n in result["nucleus"].items()) + ".", "",
              f"The machine has {result['cpu_count']} cores; `load` is the 1-minute load average after each case "
              "(other processes competing for them).", "",
-             "| logits | threads | batch | sample_ref (ms) | sample (ms) | speedup | load |", "|---|---|---|---|---|---|---|"]
+             "`cpu` columns: process CPU time (with 1 thread: the time the core was ours; with 2 it adds both "
+             "threads up).", "",
+             "| logits | threads | batch | sample_ref (ms) | sample (ms) | speedup | cpu: sample_ref | cpu: sample "
+             "| cpu speedup | load |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
-        lines.append(f"| {r['style']} | {r['threads']} | {r['batch']} | {r['ref']['median_ms']:.2f} | "
-                     f"{r['new']['median_ms']:.2f} | {r['speedup']:.1f}x | {r['load_avg_1min']:.1f} |")
+        ref, new = r["ref"], r["new"]
+        lines.append(f"| {r['style']} | {r['threads']} | {r['batch']} | {ref['median_ms']:.2f} | "
+                     f"{new['median_ms']:.2f} | {r['speedup']:.1f}x | {ref['cpu_median_ms']:.2f} | "
+                     f"{new['cpu_median_ms']:.2f} | {ref['cpu_median_ms'] / new['cpu_median_ms']:.1f}x | "
+                     f"{r['load_avg_1min']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
