@@ -2,15 +2,34 @@
 
 Order of logit processing (as vLLM): logit_bias, min_tokens (EOS/stop ids masked), repetition /
 frequency / presence penalties, then temperature, min_p, top_k, top_p. `temperature == 0` is greedy.
-Log-probs are of the raw model distribution (vLLM's default "raw_logprobs").
+top_p keeps the smallest set of most likely tokens reaching p: a token is dropped once the more
+likely ones reach p. Log-probs are of the raw model distribution (vLLM's default "raw_logprobs").
+
+`sample` takes the whole batch in a number of tensor ops that does not grow with it:
+- logit_bias and min_tokens: one `index_add_` / `index_fill_` over flat `row * V + token` ids;
+  penalties over the nonzeros of the (prompt, output) token-count matrix in coordinate form
+  (`torch.unique` of flat ids, with counts): O(ids), not O(B * V);
+- temperature, softmax and min_p over the sampled rows; top_k / top_p over each row's most
+  likely candidates (one `topk` per width in `_widths`, a full sort last): a row whose kept set
+  reaches the end of its candidates moves on to a wider set. Exact, because the kept set is a
+  prefix of the sorted row and the candidates' cumsum is that of the sorted row;
+- a greedy-only batch takes argmax after the penalties, no softmax.
+`sampler_ref.sample_ref` is the per-row implementation it replaced, kept as the oracle: the
+tests hold the two to the same penalized logits, filtered probabilities and (greedy, seeded) tokens.
 
 NOTE: batch independence of seeded requests: each seeded request draws its noise from its own
-`torch.Generator` (exponential race: argmax(p / E), E ~ Exp(1), which samples from p), so the
-same seed gives the same tokens whatever else shares the batch.
+`torch.Generator` (exponential race: argmax(p / E), E ~ Exp(1) over the whole vocabulary, which
+samples from p), so the same seed gives the same tokens whatever else shares the batch, and the
+same tokens as `sample_ref`. Unseeded rows share one draw of one uniform per row from their
+(shared) generator and invert the CDF of their kept tokens: the same distribution, V times fewer
+random numbers.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +37,7 @@ import torch
 from elas_serve.sampling_params import SamplingParams
 
 from .request import TokenLogprob
+from .sampler_ref import _filter, apply_penalties_ref, sample_ref  # noqa: F401 (the oracle, re-exported)
 
 
 @dataclass(slots=True)
@@ -29,72 +49,276 @@ class SamplingRow:
     generator: torch.Generator | None  # per-request when seeded, else the shared one
 
 
+def _flat_ids(lists: list[list[int]], rows: list[int], vocab: int, device: torch.device,
+              what: str | None = None) -> torch.Tensor:
+    """`row * vocab + token` for every token of `lists[j]` (row `rows[j]`), one int64 tensor.
+    With `what`, ids outside [0, vocab) raise (they would land in another row)."""
+    if sum(map(len, lists)) <= 4096:  # NOTE: a few ids: Python beats half a dozen tensor ops
+        if what is not None and not all(0 <= t < vocab for ids in lists for t in ids):
+            raise ValueError(f"{what}: token id outside the vocabulary [0, {vocab})")
+        return torch.tensor([r * vocab + t for r, ids in zip(rows, lists) for t in ids], dtype=torch.long,
+                            device=device)
+    ids = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.long)
+    if what is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{what}: token id outside the vocabulary [0, {vocab})")
+    row = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), torch.tensor([len(x) for x in lists]))
+    return (row * vocab + ids).to(device)
+
+
+def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """Rows `index` of `t`, copied. NOTE: index_select; advanced indexing is several times slower on the CPU."""
+    return t.index_select(0, torch.tensor(index, device=t.device))
+
+
+_SCRATCH = threading.local()  # this thread's row buffer of `_gather`, kept between calls
+
+
+def _gather(x: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """Rows `index` of `x` (m, V), copied into this thread's buffer (valid until the next call).
+
+    NOTE: on the CPU a fresh multi-MB tensor costs its page faults, more than the copy itself;
+    the buffer stays mapped. CUDA's caching allocator has no such cost: there this is `_rows`."""
+    if x.device.type != "cpu":
+        return _rows(x, index)
+    need = len(index) * x.shape[1]
+    buf = getattr(_SCRATCH, "rows", None)
+    if buf is None or buf.numel() < need or buf.dtype != x.dtype:
+        buf = _SCRATCH.rows = torch.empty(need, dtype=x.dtype)
+    return torch.index_select(x, 0, torch.tensor(index), out=buf[:need].view(len(index), x.shape[1]))
+
+
+def _per_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype).to(like.device)
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Logit bias, min_tokens masking and repetition/frequency/presence penalties, in place."""
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
-        if row.stop_ids_blocked:
-            logits[i, row.stop_ids_blocked] = -float("inf")
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
-                                device=logits.device, dtype=torch.long)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
-            out = torch.tensor(row.output_token_ids, device=logits.device, dtype=torch.long)
-            counts = torch.zeros(logits.shape[1], device=logits.device).index_add_(
-                0, out, torch.ones(len(out), device=logits.device))
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    vocab = logits.shape[1]
+    assert logits.is_contiguous(), "flat indexing needs contiguous logits"
+    flat, dev = logits.view(-1), logits.device
+    bias = [i for i, r in enumerate(rows) if r.params.logit_bias]
+    if bias:
+        maps = [rows[i].params.logit_bias for i in bias]
+        flat.index_add_(0, _flat_ids([list(m) for m in maps], bias, vocab, dev, "logit_bias"),
+                        _per_row([v for m in maps for v in m.values()], logits))
+    blocked = [i for i, r in enumerate(rows) if r.stop_ids_blocked]
+    if blocked:
+        flat.index_fill_(0, _flat_ids([rows[i].stop_ids_blocked for i in blocked], blocked, vocab, dev,
+                                      "stop_token_ids"), -float("inf"))
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep:
+        seen = torch.unique(_flat_ids([rows[i].prompt_token_ids + rows[i].output_token_ids for i in rep],
+                                      rep, vocab, dev))
+        penalty = _per_row([r.params.repetition_penalty for r in rows], logits)[seen // vocab]
+        vals = flat.index_select(0, seen)
+        flat.index_copy_(0, seen, torch.where(vals > 0, vals / penalty, vals * penalty))
+    freq = [i for i, r in enumerate(rows)
+            if (r.params.frequency_penalty or r.params.presence_penalty) and r.output_token_ids]
+    if freq:
+        ids, counts = torch.unique(_flat_ids([rows[i].output_token_ids for i in freq], freq, vocab, dev),
+                                   return_counts=True)
+        row = ids // vocab
+        fp = _per_row([r.params.frequency_penalty for r in rows], logits)[row]
+        pp = _per_row([r.params.presence_penalty for r in rows], logits)[row]
+        flat.index_copy_(0, ids, flat.index_select(0, ids) - (fp * counts.to(logits.dtype) + pp))
     return logits
 
 
-def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, min_p, top_k, top_p for one row (V,) -> probabilities."""
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    if params.top_k > 0 and params.top_k < probs.shape[-1]:
-        kth = probs.topk(params.top_k).values[-1]
-        probs = probs.masked_fill(probs < kth, 0.0)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        cum = sorted_probs.cumsum(-1)
-        before = torch.cat((cum.new_zeros(1), cum[:-1]))  # mass of the more likely tokens
-        drop = before >= params.top_p * cum[-1]  # keep the smallest set reaching top_p
-        probs = probs.scatter(0, order[drop], 0.0)
+def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, softmax and min_p of rows (n, V) -> probabilities (n, V); divides `logits` in place."""
+    probs = torch.softmax(logits.div_(_per_row([p.temperature for p in params], logits)[:, None]), dim=-1)
+    rows = [j for j, p in enumerate(params) if p.min_p > 0]
+    if rows:
+        sub = probs if len(rows) == len(params) else _rows(probs, rows)
+        floor = sub.amax(-1, keepdim=True) * _per_row([params[j].min_p for j in rows], probs)[:, None]
+        sub.masked_fill_(sub < floor, 0.0)
+        if sub is not probs:
+            probs.index_copy_(0, torch.tensor(rows, device=probs.device), sub)
     return probs
+
+
+SUM_TOLERANCE = 1e-5  # relative; see `_top_k_top_p`
+
+
+def _widths(vocab: int) -> list[int]:
+    """Candidate widths a row may try, narrowest first; the last is a full sort."""
+    return [w for w in (64, 1024, 4096, 8192) if w <= vocab // 2] + [vocab]
+
+
+def _topk(x: torch.Tensor, width: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(width)` (sorted values and their columns), in two levels where it pays: the `width`
+    blocks of `block` columns with the largest maxima hold the `width` largest values (a block
+    without one has its max below all of them), so only width * block candidates are ranked.
+    NOTE: values equal to the width-th one may come from other blocks: the same values, other ids."""
+    rows, cols = x.shape
+    if cols % block or width * block * 4 > cols:
+        return x.topk(width, dim=-1)
+    blocks = x.view(rows, cols // block, block)
+    best = blocks.amax(-1).topk(width, dim=-1, sorted=False).indices  # (m, width)
+    cand = blocks.gather(1, best[:, :, None].expand(rows, width, block)).view(rows, width * block)
+    vals, pos = cand.topk(width, dim=-1)
+    return vals, best.gather(1, pos // block) * block + pos % block
+
+
+def _top_k_top_p(probs: torch.Tensor, params: list[SamplingParams], at: list[int]
+                 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """For `params[j]` on row `at[j]` of `probs`: (js, weights (m, K), token ids (m, K)) groups,
+    each row's kept tokens, most likely first, with the probabilities `_filter` keeps (zeros for
+    dropped candidates).
+
+    A row starts at the narrowest width past its top_k (so a run of ties at the k-th value is seen
+    to end) and moves on to the next width while its kept set reaches the end of its candidates."""
+    vocab = probs.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    widths = _widths(vocab)
+    pending: list[list[int]] = [[] for _ in widths]  # rows waiting for each width
+    for j, k in enumerate(top_k):
+        pending[next(s for s, w in enumerate(widths) if w > k or w == vocab)].append(j)
+    for stage, width in enumerate(widths):
+        todo = sorted(pending[stage])
+        if not todo:
+            continue
+        rows = [at[j] for j in todo]
+        # NOTE: a topk over all rows of probs and a pick of its small result beats copying most of them
+        sub = probs if len(rows) == probs.shape[0] or (width < vocab and 2 * len(rows) >= probs.shape[0]) \
+            else _rows(probs, rows)
+        if width < vocab:
+            vals, ids = _topk(sub, width)
+        else:
+            vals, ids = sub.sort(dim=-1, descending=True)
+        if sub.shape[0] > len(rows):
+            vals, ids = _rows(vals, rows), _rows(ids, rows)
+        k = torch.tensor([top_k[j] for j in todo], device=probs.device)
+        has_k = k > 0
+        kth = torch.where(has_k, vals.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)  # (m,)
+        w = vals.masked_fill(vals < kth[:, None], 0.0)
+        cum = w.cumsum(-1)  # NOTE: the prefix of the whole sorted row's cumsum, bit for bit
+        top_p = _per_row([params[j].top_p for j in todo], probs)
+        total = cum[:, -1]
+        before = torch.cat((cum.new_zeros(len(todo), 1), cum[:, :-1]), dim=1)  # mass of the more likely
+        whole = width < vocab and any(params[j].top_p < 1 and not top_k[j] for j in todo)
+        if whole:  # top_p of the whole row's mass (top_k rows: of their candidates')
+            sums = sub.sum(-1)
+            total = torch.where(has_k, total, sums if sub.shape[0] == len(rows) else _rows(sums, rows))
+            cut = top_p * total
+            # NOTE: `_filter` takes the mass from a float64-accumulated cumsum (CPU); a float32 sum is
+            # within 1e-6 of it, so only rows with a candidate that close to their cut redo it in float64
+            near = ((before - cut[:, None]).abs() <= SUM_TOLERANCE * cut[:, None]).any(-1) & ~has_k
+            redo = near.nonzero().squeeze(1)
+            if redo.numel():
+                exact = _rows(probs, [rows[j] for j in redo.tolist()]).sum(-1, dtype=torch.float64)
+                total[redo] = exact.to(total.dtype)
+        drop = (before >= (top_p * total)[:, None]) & (top_p < 1)[:, None]
+        w.masked_fill_(drop, 0.0)
+        if width == vocab:
+            yield todo, w, ids
+            return
+        # the kept set fits when its end is seen: top_k's tie run and top_p's cut both inside
+        fits = ((~has_k) | (vals[:, -1] < kth)) & ((top_p == 1) | drop[:, -1])
+        # a row that does not fit needs at least this many tokens (each further one <= the last candidate)
+        needs = width + (top_p * total - cum[:, -1]).clamp(min=0) / vals[:, -1].clamp(min=1e-30)
+        done = []
+        for j, (f, n) in enumerate(zip(fits.tolist(), needs.tolist())):
+            if f:
+                done.append(j)
+            else:  # NOTE: only skips widths that cannot hold the row; exactness never depends on it
+                pending[next(s for s in range(stage + 1, len(widths)) if widths[s] > n or widths[s] == vocab)].append(
+                    todo[j])
+        if done:
+            yield [todo[j] for j in done], _rows(w, done), _rows(ids, done)
+
+
+def _seeded(row: SamplingRow) -> bool:
+    return row.params.seed is not None and row.generator is not None
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per row of `weights` (m, K), the first column whose running sum reaches `u` (m,) in (0, 1]
+    times the row's total: a draw from the weights. Wide rows go in two levels (the sums of
+    `chunk`-column blocks, then one block's cumsum): one fast sum instead of a full cumsum."""
+    m, width = weights.shape
+    if width < 4 * chunk or width % chunk:
+        cdf = weights.cumsum(-1)
+        return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=width - 1).squeeze(1)
+    blocks = weights.view(m, width // chunk, chunk)
+    outer = blocks.sum(-1).cumsum(-1)  # (m, blocks)
+    target = (u * outer[:, -1])[:, None]
+    b = torch.searchsorted(outer, target).clamp_(max=outer.shape[1] - 1)  # (m, 1)
+    below = torch.where(b > 0, outer.gather(1, (b - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, b[:, :, None].expand(m, 1, chunk)).squeeze(1).cumsum(-1)  # (m, chunk)
+    # NOTE: kept inside (0, the block's total], so the pick always lands on a positive weight
+    rest = (target - below).clamp(min=torch.finfo(weights.dtype).tiny).minimum(inner[:, -1:])
+    return (b * chunk + torch.searchsorted(inner, rest)).squeeze(1)
+
+
+def _draw(weights: torch.Tensor, ids: torch.Tensor | None, rows: list[SamplingRow], vocab: int,
+          at: list[int] | None = None) -> torch.Tensor:
+    """One token per row: `rows[j]` draws from row `at[j]` (default j) of `weights` (m, K), whose
+    columns are the token ids `ids` (m, K) (None: the vocabulary)."""
+    dev = weights.device
+    at_t = torch.tensor(range(len(rows)) if at is None else at, device=dev)
+    pick = torch.empty(len(rows), dtype=torch.long, device=dev)  # a column of `weights` per row
+    seeded = [j for j, r in enumerate(rows) if _seeded(r)]
+    if seeded:
+        noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=rows[j].generator)
+                             for j in seeded])  # (s, V): the draws `sample_ref` makes
+        src = at_t[torch.tensor(seeded, device=dev)]
+        if ids is not None:
+            noise = noise.gather(1, ids.index_select(0, src))
+        pick[seeded] = torch.div(weights.index_select(0, src), noise, out=noise).argmax(-1)
+    shared: dict[int, list[int]] = {}  # generator -> its rows (the runner gives all unseeded rows one)
+    for j, r in enumerate(rows):
+        if not _seeded(r):
+            shared.setdefault(id(r.generator), []).append(j)
+    if shared:
+        unseeded = [j for js in shared.values() for j in js]
+        src = at_t[torch.tensor(unseeded, device=dev)]
+        u = torch.ones(weights.shape[0], device=dev)  # NOTE: every row drawn (no row copy), others discarded
+        u[src] = torch.cat([1 - torch.rand(len(js), device=dev, generator=rows[js[0]].generator)
+                            for js in shared.values()])  # (0, 1]
+        pick[unseeded] = _inverse_cdf(weights, u)[src]
+    return pick if ids is None else ids.index_select(0, at_t).gather(1, pick[:, None]).squeeze(1)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     """One token per row of `logits` (B, V); `logits` is modified."""
     logits = apply_penalties(logits, rows)
-    greedy = logits.argmax(-1).tolist()
-    tokens = []
-    for i, row in enumerate(rows):
-        if row.params.greedy:
-            tokens.append(greedy[i])
-            continue
-        probs = _filter(logits[i], row.params)
-        noise = torch.empty_like(probs).exponential_(generator=row.generator)
-        tokens.append(int((probs / noise).argmax()))
-    return tokens
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    if len(greedy) == len(rows):
+        return logits.argmax(-1).tolist()
+    dev, vocab = logits.device, logits.shape[1]
+    tokens = torch.empty(len(rows), dtype=torch.long, device=dev)
+    if greedy:
+        tokens[torch.tensor(greedy, device=dev)] = _gather(logits, greedy).argmax(-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    params = [rows[i].params for i in sampled]
+    probs = _probs(_gather(logits, sampled) if greedy else logits, params)  # (n, V)
+    limited = [j for j, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
+    free = [j for j, p in enumerate(params) if not (0 < p.top_k < vocab or p.top_p < 1)]
+    groups = [(free, probs, None, free)] if free else []  # NOTE: rows of probs, no copy
+    if limited:
+        groups += [([limited[j] for j in js], w, ids, None)
+                   for js, w, ids in _top_k_top_p(probs, [params[j] for j in limited], limited)]
+    for js, w, ids, rows_at in groups:
+        tokens[torch.tensor([sampled[j] for j in js], device=dev)] = _draw(
+            w, ids, [rows[sampled[j]] for j in js], vocab, rows_at)
+    return tokens.tolist()
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], num_top: list[int]
                    ) -> list[TokenLogprob]:
-    """Log-prob, rank and top-`k` alternatives of `token_ids[i]` under row i of `logprobs` (N, V)."""
+    """Log-prob, rank and top-`k` alternatives of `token_ids[i]` under row i of `logprobs` (N, V).
+
+    One gather, one batched rank count and one topk; four host transfers whatever N."""
     if not token_ids:
         return []
     ids = torch.tensor(token_ids, device=logprobs.device)
     chosen = logprobs.gather(1, ids[:, None]).squeeze(1)  # (N,)
     ranks = ((logprobs > chosen[:, None]).sum(1) + 1).tolist()
     k = max(num_top)
-    top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (None, None)
-    result = []
-    for i, (tid, lp) in enumerate(zip(token_ids, chosen.tolist())):
-        top = [] if k == 0 else list(zip(top_ids[i, :num_top[i]].tolist(), top_vals[i, :num_top[i]].tolist()))
-        result.append(TokenLogprob(tid, lp, ranks[i], top))
-    return result
+    top_ids, top_vals = [], []
+    if k > 0:
+        vals, idx = logprobs.topk(k, dim=-1)
+        top_ids, top_vals = idx.tolist(), vals.tolist()
+    return [TokenLogprob(tid, lp, rank, list(zip(top_ids[i][:n], top_vals[i][:n])) if n else [])
+            for i, (tid, lp, rank, n) in enumerate(zip(token_ids, chosen.tolist(), ranks, num_top))]
