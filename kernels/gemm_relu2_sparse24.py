@@ -41,7 +41,8 @@ from .relu2_sparse24 import (
 )
 from .triton_utils import check_operands, dot_acc, round_to, upcast_dots, warps_for
 
-PRUNED, SPARSE24, CSLT90, CSLT80 = 0, 1, 2, 3
+PRUNED, SPARSE24, CSLT90, CSLT80 = 0, 1, 2, 3  # the OUT layouts
+_PRUNED, _SPARSE24, _CSLT90 = tl.constexpr(PRUNED), tl.constexpr(SPARSE24), tl.constexpr(CSLT90)  # in kernels
 
 
 def up_relu2_sparse24_ref(a: torch.Tensor, w_up: torch.Tensor, two_by_four: bool = True) -> torch.Tensor:
@@ -77,7 +78,7 @@ def _up_relu2_sparse24_kernel(
     m0, m1, m2, m3 = split_groups(relu2(acc, dtype), BLOCK_T, BLOCK_F, True)  # (BLOCK_T, BLOCK_F // 4)
     offs_g = pid_f * (BLOCK_F // 4) + tl.arange(0, BLOCK_F // 4)
     body = (offs_g < width // 4)[None, :]  # groups of 4 real features; the partial last one is dense
-    if OUT == PRUNED:
+    if OUT == _PRUNED:
         if TWO_BY_FOUR:
             m0, m1, m2, m3 = sparsify_groups(m0, m1, m2, m3, ~body)
         y = join_groups(m0, m1, m2, m3, BLOCK_T, BLOCK_F, True)
@@ -86,19 +87,19 @@ def _up_relu2_sparse24_kernel(
     else:
         first, second, nibbles = pack_groups(m0, m1, m2, m3)
         first, second = tl.where(body, first, 0.0), tl.where(body, second, 0.0)
-        nibbles = tl.where(body, nibbles, 0 if OUT == SPARSE24 else 4)  # padding: (0, 1) of zeros
+        nibbles = tl.where(body, nibbles, 0 if OUT == _SPARSE24 else 4)  # padding: (0, 1) of zeros
         rows_mask = offs_t < rows_out
         offs_v = pid_f * (BLOCK_F // 2) + tl.arange(0, BLOCK_F // 2)
         values = tl.reshape(tl.join(first, second), (BLOCK_T, BLOCK_F // 2))  # 2 g + (0, 1)
         tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_v[None, :], values.to(dtype),
                  mask=rows_mask[:, None] & (offs_v < cols_out // 2)[None, :])
-        if OUT == SPARSE24:
+        if OUT == _SPARSE24:
             offs_w = pid_f * (BLOCK_F // 16) + tl.arange(0, BLOCK_F // 16)
             words = nibble_words(nibbles, BLOCK_T, BLOCK_F // 4)  # (BLOCK_T, BLOCK_F // 16)
             # NOTE: words are < 2^16; the int16 cast keeps their bits (two's-complement wrap)
             tl.store(meta_ptr + offs_t[:, None] * stride_mt + offs_w[None, :], words.to(tl.int16),
                      mask=rows_mask[:, None] & (offs_w < tl.cdiv(cols_out, 16))[None, :])
-        elif OUT == CSLT90:  # one byte: rows r and r + 8 of a 16-row block, one group
+        elif OUT == _CSLT90:  # one byte: rows r and r + 8 of a 16-row block, one group
             pairs = tl.permute(tl.reshape(nibbles, (BLOCK_T // 16, 2, 8, BLOCK_F // 4)), (0, 2, 3, 1))
             low, high = tl.split(pairs)  # (BLOCK_T // 16, 8, BLOCK_F // 4): rows 16 i + r, 16 i + 8 + r
             rows = pid_t * BLOCK_T + 16 * tl.arange(0, BLOCK_T // 16)[:, None, None] + \
@@ -119,10 +120,13 @@ def _up_relu2_sparse24_kernel(
                          mask=t_mask[:, None] & ((tail >= 0) & f_mask)[None, :])
 
 
-def _blocks(num_tokens: int, k: int) -> tuple[int, int, int]:
+def _blocks(num_tokens: int, k: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_F, BLOCK_K): 128x128 tiles for many tokens, narrower ones for few, so that
-    decode's weight read is spread over ~F / 32 programs."""
+    decode's weight read is spread over ~F / 32 programs; small ones in float32 (FMA dots, which
+    spill at 64x64, `inspect_kernels.py`)."""
     block_k = min(64, max(16, triton.next_power_of_2(k)))
+    if dtype == torch.float32:
+        return (16 if num_tokens <= 16 else 32), 32, min(block_k, 32)
     if num_tokens <= 16:
         return 16, 32, block_k
     if num_tokens <= 64:
@@ -134,9 +138,9 @@ def _launch(a, w_up, y, meta, tail, h_out, rows_out, cols_out, out, two_by_four,
     check_operands(a, w_up)
     (num_tokens, k), width = a.shape, w_up.shape[0]
     assert w_up.shape[1] == k, (a.shape, w_up.shape)
-    bt, bf, bk = _blocks(num_tokens, k)
+    bt, bf, bk = _blocks(num_tokens, k, a.dtype)
     if out in (CSLT90, CSLT80):
-        bt, bf = 64, 64  # NOTE: tiles inside the layout's 64-row strips / 128-row blocks
+        bt, bf = 64, 64  # NOTE: tiles inside the layout's 64-row strips / 128-row blocks (16-bit only)
     bt = block_t or bt
     if h_out is not None:
         check_operands(a, h_out)
