@@ -171,7 +171,7 @@ def _loop_bodies(ttgir: str) -> list[str]:
     bodies, starts = [], [m.start() for m in re.finditer(r"scf\.for\b", ttgir)]
     spans = []
     for s in starts:
-        i = ttgir.index("{", s)
+        i = ttgir.rindex("{", s, ttgir.index("\n", s))  # the header ends with its body's brace
         depth, j = 0, i
         while True:
             if ttgir[j] == "{":
@@ -201,7 +201,8 @@ def _jit_function(module: str, name: str):
 def compile_record(entry: dict, arch: int) -> dict:
     """Compile one captured launch; `entry`: {"fn": (module, name), "info", "issued_by"}."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as triton_compile
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
 
     fn, info = _jit_function(*entry["fn"]), entry["info"]
     attrs = info["configs"][0] if isinstance(info.get("configs"), list) else info.get("configs", {})
@@ -246,9 +247,9 @@ def _failed_record(entry: dict, error: str) -> dict:
 
 def _compile_all(entries: list[dict], arch: int, jobs: int, progress: bool) -> list[dict]:
     """Compile every entry in `jobs` worker processes; a compiler crash fails only its record."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    import multiprocessing
 
     from tqdm import tqdm
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from .relu2_sparse24 import sparse24_compress_ref
 

@@ -49,7 +49,7 @@ def ffn_reference(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool
     return project(relu2_sparse24_ref(project(x, up), two_by_four), down)
 
 
-def _down_split(down: Factors) -> tuple[torch.Tensor, torch.Tensor | None]:
+def down_split(down: Factors) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The down projection as (first factor (F, N), second factor or None): y @ first [@ second.T]."""
     weight_in, weight_out = down
     return (weight_out.T, None) if weight_in is None else (weight_in, weight_out)
@@ -92,7 +92,7 @@ def ffn_sparse24(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool,
     _refuse_float16(x, "sparse24")
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
     a, up_last = _up_split(x, up)
-    first, second = _down_split(down)
+    first, second = down_split(down)
     z = torch.ops.elas.sparse24_down(a, up_last, first, gemm)  # (T, N)
     if second is not None:
         z = z @ second.T
@@ -104,7 +104,7 @@ def ffn_fused(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool) ->
     _refuse_float16(x, "fused")
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
     a, up_last = _up_split(x, up)
-    first, second = _down_split(down)
+    first, second = down_split(down)
     z = torch.ops.elas.relu2_sparse24_ffn(a, up_last, first, two_by_four)  # (T, N)
     if second is not None:
         z = z @ second.T

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .relu2_sparse24 import join_groups, permuted_features, relu2, relu2_sparse24_ref, sparsify_groups, split_groups
 from .split_reduce import sum_splits
-from .triton_utils import check_operands, dot_acc, num_splits, round_to, upcast_dots, warps_for
+from .triton_utils import check_operands, dot_acc, num_splits, round_to, target_arch, upcast_dots, warps_for
 
 RESIDENT_MAX_K = 256  # the (BLOCK_T, K) input tile stays in shared memory up to this K
 LARGE_TILE_TOKENS = 4096  # above this many tokens, 128-row tiles (8 warps), else 64 (4 warps)
@@ -53,7 +53,8 @@ def relu2_sparse24_ffn_ref(a: torch.Tensor, w_up: torch.Tensor, w_down: torch.Te
     return relu2_sparse24_ref(a @ w_up.T, two_by_four) @ w_down
 
 
-@triton.jit
+# NOTE: `blocks_per_split` is never specialised (a constexpr 1 drops the loop, and ptxas then spills)
+@triton.jit(do_not_specialize=["blocks_per_split"])
 def _relu2_sparse24_ffn_kernel(
         a_ptr, wu_ptr, wd_ptr, out_ptr, h_ptr, num_tokens, width, k, n, blocks_per_split,
         stride_at, stride_ak, stride_wuf, stride_wuk, stride_wdf, stride_wdn,
@@ -116,11 +117,12 @@ class FusedConfig(NamedTuple):
     num_stages: int
 
 
-def _config(num_tokens: int, k: int, n: int, dtype: torch.dtype, down_row_major: bool) -> FusedConfig:
-    """The tiling for T tokens, input width K and output width N (see the module docstring).
+def _config(num_tokens: int, k: int, n: int, dtype: torch.dtype, down_row_major: bool, arch: int) -> FusedConfig:
+    """The tiling for T tokens, input width K, output width N, on sm`arch` (module docstring).
 
     Chosen from ahead-of-time compiles (`benchmarks/inspect_kernels.py`): the largest tiles that
-    compile to wgmma (sm90) or mma.sync (sm80) without spills and fit shared memory.
+    compile to wgmma (sm90) or mma.sync (sm80) without spills and fit shared memory. On sm80 the
+    mma.sync operands live in registers: N tiles of 128 (64 at K = 512).
     """
     if dtype == torch.float32:  # NOTE: FMA dots (no tensor cores): small tiles, or they spill
         return FusedConfig(16, 32, 32, min(64, max(16, triton.next_power_of_2(n))), False, 4, 2)
@@ -128,9 +130,11 @@ def _config(num_tokens: int, k: int, n: int, dtype: torch.dtype, down_row_major:
     # shared memory (and registers at BLOCK_N = 256): K = 512 streams its input with the weights,
     # in 128-row tiles (8 warps; 64-row ones spill there)
     resident = k <= RESIDENT_MAX_K
-    large = num_tokens > (LARGE_TILE_TOKENS if resident else 32)
+    hopper = arch >= 90
+    large = num_tokens > (LARGE_TILE_TOKENS if resident and hopper else 32)
     block_t = 16 if num_tokens <= 16 else 32 if num_tokens <= 32 else 128 if large else 64
-    block_n = min(256 if down_row_major else 128, max(16, triton.next_power_of_2(n)))
+    widest = (256 if down_row_major else 128) if hopper else 128 if resident or block_t <= 32 else 64
+    block_n = min(widest, max(16, triton.next_power_of_2(n)))
     block_k = max(16, triton.next_power_of_2(k)) if resident else 64
     return FusedConfig(block_t, 64, block_k, block_n, resident, warps_for(block_t), 2)
 
@@ -147,7 +151,7 @@ def relu2_sparse24_ffn(a: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
     assert w_up.shape == (width, k), (w_up.shape, a.shape, w_down.shape)
     if num_tokens == 0 or n == 0:
         return a.new_zeros(num_tokens, n)
-    cfg = _config(num_tokens, k, n, a.dtype, w_down.stride(1) == 1)
+    cfg = _config(num_tokens, k, n, a.dtype, w_down.stride(1) == 1, target_arch(a.device))
     num_tiles = triton.cdiv(num_tokens, cfg.block_t) * triton.cdiv(n, cfg.block_n)
     num_blocks = triton.cdiv(width, cfg.block_f)
     splits = min(splits or num_splits(a.device, num_tiles, num_blocks, num_tokens), num_blocks)

@@ -139,8 +139,10 @@ def _launch(a, w_up, y, meta, tail, h_out, rows_out, cols_out, out, two_by_four,
     (num_tokens, k), width = a.shape, w_up.shape[0]
     assert w_up.shape[1] == k, (a.shape, w_up.shape)
     bt, bf, bk = _blocks(num_tokens, k, a.dtype)
+    if out != PRUNED:  # NOTE: the packing epilogue spills at 128 features on sm80
+        bf = min(bf, 64)
     if out in (CSLT90, CSLT80):
-        bt, bf = 64, 64  # NOTE: tiles inside the layout's 64-row strips / 128-row blocks (16-bit only)
+        bt = 64  # NOTE: tiles inside the layout's 64-row strips / 128-row blocks (16-bit only)
     bt = block_t or bt
     if h_out is not None:
         check_operands(a, h_out)

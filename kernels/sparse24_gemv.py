@@ -29,7 +29,8 @@ def sparse24_gemv_ref(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y @ w
 
 
-@triton.jit
+# NOTE: `blocks_per_split` is never specialised (a constexpr 1 drops the loop, and ptxas then spills)
+@triton.jit(do_not_specialize=["blocks_per_split"])
 def _sparse24_gemv_kernel(
         y_ptr, w_ptr, out_ptr, num_tokens, width, n, blocks_per_split,
         stride_yt, stride_yf, stride_wf, stride_wn, stride_os, stride_ot,

@@ -34,7 +34,8 @@ def sparse24_matmul_ref(a: Sparse24, w: torch.Tensor) -> torch.Tensor:
     return sparse24_decompress_ref(a) @ w
 
 
-@triton.jit
+# NOTE: `groups_per_split` is never specialised (a constexpr 1 drops the loop, and ptxas then spills)
+@triton.jit(do_not_specialize=["groups_per_split"])
 def _sparse24_matmul_kernel(
         values_ptr, meta_ptr, tail_ptr, w_ptr, out_ptr, num_tokens, num_groups, n, groups_per_split,
         stride_vt, stride_mt, stride_tt, stride_wf, stride_wn, stride_os, stride_ot, stride_on,

@@ -15,8 +15,11 @@ from .triton_utils import check_operands, round_to
 
 
 def sum_splits_ref(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Reference: the sum over the first dimension, in float32, cast to `dtype`."""
-    return partials.sum(0).to(dtype)
+    """Reference: the splits summed in order, in float32, cast to `dtype`."""
+    acc = torch.zeros_like(partials[0])
+    for p in partials:
+        acc = acc + p
+    return acc.to(dtype)
 
 
 @triton.jit

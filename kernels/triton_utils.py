@@ -63,6 +63,23 @@ def num_sms(device: torch.device) -> int:
     return AOT_NUM_SMS if device.type == "meta" else 1
 
 
+@functools.cache
+def _cuda_arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def target_arch(device: torch.device) -> int:
+    """The compute capability kernels are compiled for (90 = sm90): the device's on CUDA, the
+    stand-in driver's target for `meta` tensors (ahead-of-time compiles), 90 under the interpreter."""
+    if device.type == "cuda":
+        return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "meta":
+        from triton.runtime import driver
+        return driver.active.get_current_target().arch
+    return 90
+
+
 def num_splits(device: torch.device, num_tiles: int, num_blocks: int, num_tokens: int) -> int:
     """How many programs share one output tile's reduction (`num_blocks` blocks of it).
 

@@ -48,7 +48,9 @@ class ElasMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self._backend(x.numel() // x.shape[-1])
-        if backend != "dense" and not torch.is_grad_enabled():
+        # NOTE: `dense` on CUDA is the epilogue-fused chain (kernels.ffn.ffn_dense) when bias-free
+        kernel = backend != "dense" or (x.is_cuda and self.up_proj.bias is None and self.down_proj.bias is None)
+        if kernel and not torch.is_grad_enabled():
             if self.density_probe is not None:
                 self.density_probe.append((self.up_proj(x) > 0).float().mean())
             fn = FFN_BACKENDS[backend]

@@ -15,13 +15,14 @@ import torch
 
 from elas_serve.config import EngineConfig
 from elas_serve.errors import InvalidRequestError
+from elas_serve.kernels.ffn_tuning import describe, tune_ffn_backends
 from elas_serve.models import ElasForCausalLM, load_model
+from elas_serve.models.mlp import ElasMLP
 from elas_serve.sampling_params import SamplingParams
 from elas_serve.tokenizer import Tokenizer
 from elas_serve.utils import resolve_device, resolve_dtype
 
 from .block_manager import BlockManager
-from .ffn_tuning import describe, tune_ffn_backends
 from .model_runner import ModelRunner, kv_cache_block_bytes
 from .output_processor import OutputProcessor
 from .request import Request, RequestOutput, RequestStatus
@@ -68,8 +69,11 @@ class LLMEngine:
                              f"interpreter (TRITON_INTERPRET=1 set before start-up); use dense or auto")
         if name == "auto":
             # NOTE: on the CPU the Triton backends exist only in the interpreter: dense, unmeasured
-            table = [(self.config.max_num_batched_tokens, "dense")] if on_cpu else tune_ffn_backends(
-                self.model, self.config.max_num_batched_tokens)
+            budget = self.config.max_num_batched_tokens
+            mlp = next((layer.mlp for layer in self.model.model.layers if isinstance(layer.mlp, ElasMLP)), None)
+            tunable = mlp is not None and mlp.up_proj.bias is None and mlp.down_proj.bias is None
+            table = tune_ffn_backends(mlp.up_proj.factors(), mlp.down_proj.factors(), mlp.two_by_four, budget) \
+                if tunable and not on_cpu else [(budget, "dense")]
             self.model.set_ffn_backend(table)
             return describe(table)
         self.model.set_ffn_backend(name)
