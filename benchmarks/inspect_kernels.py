@@ -323,17 +323,52 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+TILE_KEYS = ("OUT", "RESIDENT", "BLOCK_T", "BLOCK_F", "BLOCK_G", "BLOCK_K", "BLOCK_N", "PRUNED", "BLOCK")
+
+
+def markdown(result: dict) -> str:
+    """One row per kernel, dtype and tile configuration (specialisations of it merged): register
+    range, spills, shared memory, tensor-core instruction, async copies, what issues it."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in result["records"]:
+        if "error" in r:
+            continue
+        tile = tuple((k, r["config"][k]) for k in TILE_KEYS if k in r["config"]) + (
+            ("warps", r["config"]["num_warps"]), ("stages", r["config"]["num_stages"]))
+        groups.setdefault((r["kernel"], r["dtype"], tile), []).append(r)
+    lines = [f"sm{result['arch']}, Triton {result['triton']}, {len(result['records'])} configurations "
+             f"({'subset' if result['subset'] else 'full sweep'}: {', '.join(result['shapes'])}; "
+             f"{', '.join(result['dtypes'])}; T in {result['tokens']}); shared-memory limit "
+             f"{result['smem_limit']} B.", "",
+             "| kernel | dtype | tile | registers | spills (B) | shared (B) | MMA | cp.async | dot loops async | issued by (e.g.) |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---|"]
+    for (kernel, dtype, tile), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))):
+        regs = sorted({r["registers"] for r in rs})
+        reg = f"{regs[0]}" if len(regs) == 1 else f"{regs[0]}-{regs[-1]}"
+        cfg = " ".join(f"{k}={v}" for k, v in tile)
+        lines.append(f"| `{kernel}` | {dtype} | {cfg} | {reg} | {max(r['spills'] for r in rs)} | "
+                     f"{max(r['shared_bytes'] for r in rs)} | {rs[0]['mma'] or '-'} | {max(r['cp_async'] for r in rs)} | "
+                     f"{sum(r['loops_with_dot_async'] for r in rs)}/{sum(r['loops_with_dot'] for r in rs)} | "
+                     f"{rs[0]['issued_by'][0]} |")
+    errors = [r for r in result["records"] if "error" in r]
+    lines += [f"- **{r['kernel']} {r['config']}: {r['error'][:200]}**" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, choices=[80, 90], required=True)
     p.add_argument("--json", type=Path, required=True, help="where to write the records")
     p.add_argument("--subset", action="store_true", help="the representative subset CI compiles")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPUs, at most 4)")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the grouped markdown table here")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     result = inspect(args.arch, args.subset, jobs=args.jobs)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(result))
     print(summary(result))
     print(f"wrote {args.json}")
     return 0

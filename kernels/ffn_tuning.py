@@ -90,9 +90,12 @@ def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 @torch.inference_mode()
 def tune_ffn_backends(up: Factors, down: Factors, two_by_four: bool, max_tokens: int,
-                      candidates: tuple[str, ...] = CANDIDATES, repeats: int = 20,
-                      margin: float = 0.02) -> list[tuple[int, str]]:
-    """The routing table [(max_tokens, backend), ...] for one FFN's factors (module docstring)."""
+                      candidates: tuple[str, ...] = CANDIDATES, repeats: int = 20, margin: float = 0.02,
+                      report: list | None = None) -> list[tuple[int, str]]:
+    """The routing table [(max_tokens, backend), ...] for one FFN's factors (module docstring).
+
+    `report`, if given, receives the measured (bucket, {backend: seconds}) rows.
+    """
     weight = up[1]
     if weight.device.type != "cuda":
         return [(max_tokens, "dense")]
@@ -122,6 +125,8 @@ def tune_ffn_backends(up: Factors, down: Factors, two_by_four: bool, max_tokens:
         log.info("ffn-backend auto: %d tokens: %s", bucket,
                  ", ".join(f"{k} {1e6 * v:.1f} us" for k, v in sorted(timings.items(), key=lambda kv: kv[1])))
         rows.append((bucket, timings))
+    if report is not None:
+        report.extend(rows)
     return build_table(rows, margin)
 
 
