@@ -20,7 +20,8 @@ Invariants of the tiling (`_config`): with K <= RESIDENT_MAX_K (ELAS ranks up to
 rank, or a dense up) it streams with the weights in BLOCK_K steps. Weight loads are software-
 pipelined (cp.async, 2 stages); warps are matched to the tile (4 at BLOCK_T = 64, 8 at 128); BLOCK_N
 covers N <= 256 in one tile, so the up projection is computed once per token tile at ranks up to
-256 and twice at 512 (a dense down, N = hidden, takes 128-wide tiles: fused is no fit there); the
+256 and twice at 512 (a dense down, N = hidden, takes 64-wide tiles, its up projection computed
+N / 64 times: fused is no fit there); the
 features are split across programs (float32 partials, summed by `split_reduce.sum_splits`) only
 for few tokens (`triton_utils.num_splits`). Tiles of fewer than 64 rows (decode) use mma.sync:
 wgmma needs 64 rows per warpgroup.
@@ -129,11 +130,13 @@ def _config(num_tokens: int, k: int, n: int, dtype: torch.dtype, down_row_major:
     # NOTE: a resident (BLOCK_T, 512) input plus double-buffered (512, 64) weight tiles exceeds
     # shared memory (and registers at BLOCK_N = 256): K = 512 streams its input with the weights,
     # in 128-row tiles (8 warps; 64-row ones spill there)
+    # NOTE: a dense down's weight.T is column-major: its tiles load transposed and take more
+    # registers (64-wide N tiles, 128-row ones above 32 tokens: Triton 3.6 spills otherwise)
     resident = k <= RESIDENT_MAX_K
     hopper = arch >= 90
-    large = num_tokens > (LARGE_TILE_TOKENS if resident and hopper else 32)
+    large = num_tokens > (LARGE_TILE_TOKENS if resident and hopper and down_row_major else 32)
     block_t = 16 if num_tokens <= 16 else 32 if num_tokens <= 32 else 128 if large else 64
-    widest = (256 if down_row_major else 128) if hopper else 128 if resident or block_t <= 32 else 64
+    widest = (256 if hopper else 128 if resident or block_t <= 32 else 64) if down_row_major else 64
     block_n = min(widest, max(16, triton.next_power_of_2(n)))
     block_k = max(16, triton.next_power_of_2(k)) if resident else 64
     return FusedConfig(block_t, 64, block_k, block_n, resident, warps_for(block_t), 2)
