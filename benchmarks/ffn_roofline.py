@@ -112,7 +112,8 @@ def dispatch_kernels(fn, *args) -> list[Kernel]:
             ops.append(Kernel(str(func.__name__), nbytes, flops))
             return out
 
-    with Count():
+    # NOTE: outside inference mode composite ops (matmul, square) decompose into what runs (mm, pow)
+    with torch.inference_mode(False), torch.no_grad(), Count():
         fn(*args)
     return ops
 

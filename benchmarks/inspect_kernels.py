@@ -27,72 +27,19 @@ import contextlib
 import io
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aot_compile import capture_launches, compile_all, compile_record  # noqa: E402
+
+__all__ = ["capture_launches", "compile_record", "inspect", "launch_plan"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"130m": (768, 3072, 256), "350m": (1024, 4104, 256), "1b": (2048, 8191, 512)}  # hidden, F, r
 TOKENS = (1, 8, 32, 128, 512, 2048, 8192, 16384)
 SUBSET = {"shapes": ("350m", "1b"), "tokens": (1, 32, 512, 8192), "dtypes": ("bfloat16",)}
 SMEM_LIMIT = {90: 232448, 80: 166912}  # max dynamic shared memory per block (H100, A100)
-
-
-class _AotDriver:
-    """Stands in for Triton's CUDA driver: a target to specialise and compile for, no device."""
-
-    def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        import torch
-        return torch.device("meta")
-
-    def is_active(self):
-        return True
-
-
-@contextlib.contextmanager
-def capture_launches(arch: int):
-    """Within: Triton launches are recorded (not compiled, not run) into the yielded dict."""
-    import triton
-    from triton import knobs
-    from triton.runtime import driver
-
-    launches: dict[tuple, dict] = {}
-    label = {"now": ""}
-
-    def hook(*args, **kwargs):
-        fn, info = kwargs["fn"], kwargs["compile"]
-        key = (fn.name, info["key"])
-        jit = fn.jit_function
-        entry = launches.setdefault(key, {"fn": (jit.fn.__module__, jit.fn.__name__), "info": info, "issued_by": []})
-        if label["now"] not in entry["issued_by"]:
-            entry["issued_by"].append(label["now"])
-        return True  # NOTE: skip the JIT's own compile; the launch then does nothing
-
-    old_hook, old_driver = knobs.runtime.jit_cache_hook, driver._active
-    driver.set_active(_AotDriver(arch))
-    knobs.runtime.jit_cache_hook = hook
-    try:
-        yield launches, label
-    finally:
-        knobs.runtime.jit_cache_hook = old_hook
-        driver._active = old_driver  # NOTE: not reset_active(): without a GPU there is no default
-    assert triton  # imported for its side effects on the driver registry
 
 
 def launch_plan(shapes: dict, tokens: tuple[int, ...], dtypes: tuple[str, ...], arch: int):
@@ -140,154 +87,6 @@ def launch_plan(shapes: dict, tokens: tuple[int, ...], dtypes: tuple[str, ...], 
                     yield f"{tag} sparse24 cslt fallback", lambda h=h, shape=shape: relu2_sparse24_pruned(h, *shape)
 
 
-def _ptxas_info(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes from `ptxas -v` on the kernel's PTX (Triton's own ptxas)."""
-    from triton.backends.nvidia import compiler as nv
-    try:
-        ptxas = nv.get_ptxas(arch).path  # the ptxas Triton itself runs for this arch
-    except TypeError:  # older Triton: one ptxas
-        ptxas = nv.get_ptxas().path
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        proc = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", str(src), "-o",
-                               str(Path(tmp) / "k.o")], capture_output=True, text=True)
-    log = proc.stderr + proc.stdout
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {log[-2000:]}")
-    regs = re.search(r"Used (\d+) registers", log)
-    stores = re.search(r"(\d+) bytes spill stores", log)
-    loads = re.search(r"(\d+) bytes spill loads", log)
-    stack = re.search(r"(\d+) bytes stack frame", log)
-    return {"registers": int(regs.group(1)) if regs else None,
-            "spill_stores": int(stores.group(1)) if stores else 0,
-            "spill_loads": int(loads.group(1)) if loads else 0,
-            "stack_bytes": int(stack.group(1)) if stack else 0}
-
-
-def _loop_bodies(ttgir: str) -> list[str]:
-    """The own body (nested loops cut out) of every scf.for in TTGIR text."""
-    bodies, starts = [], [m.start() for m in re.finditer(r"scf\.for\b", ttgir)]
-    spans = []
-    for s in starts:
-        i = ttgir.rindex("{", s, ttgir.index("\n", s))  # the header ends with its body's brace
-        depth, j = 0, i
-        while True:
-            if ttgir[j] == "{":
-                depth += 1
-            elif ttgir[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-            j += 1
-        spans.append((s, j))
-    for s, e in spans:
-        text, cut = ttgir[s:e], 0
-        for s2, e2 in spans:
-            if s < s2 and e2 <= e:
-                text = text[:s2 - s - cut] + text[e2 - s - cut:]
-                cut += e2 - s2
-        bodies.append(text)
-    return bodies
-
-
-def _jit_function(module: str, name: str):
-    import importlib
-    fn = getattr(importlib.import_module(module), name)
-    return getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
-
-
-def compile_record(entry: dict, arch: int) -> dict:
-    """Compile one captured launch; `entry`: {"fn": (module, name), "info", "issued_by"}."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler import compile as triton_compile
-
-    fn, info = _jit_function(*entry["fn"]), entry["info"]
-    attrs = info["configs"][0] if isinstance(info.get("configs"), list) else info.get("configs", {})
-    src = ASTSource(fn, info["signature"], info["constants"], attrs)
-    options = {k: info[k] for k in ("num_warps", "num_stages", "num_ctas") if k in info}
-    start = time.time()
-    kernel = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    asm = kernel.asm
-    ptx, ttgir = asm["ptx"], asm["ttgir"]
-    names = list(info["signature"])
-    constexprs = {names[k[0]]: v for k, v in info["constants"].items() if k[0] < len(names)}
-    config = {k: v for k, v in constexprs.items() if k.isupper()}
-    config.update(num_warps=options.get("num_warps"), num_stages=options.get("num_stages"))
-    pointer_dtypes = [v for v in info["signature"].values() if isinstance(v, str) and v.startswith("*")]
-    wgmma = len(re.findall(r"wgmma\.mma_async", ptx))
-    mma_sync = len(re.findall(r"\bmma\.sync", ptx))
-    bodies = [b for b in _loop_bodies(ttgir) if re.search(r"tt\.dot\b|warp_group_dot", b)]
-    record = {
-        "kernel": fn.__name__, "config": config, "dtype": pointer_dtypes[0][1:] if pointer_dtypes else None,
-        "uses_dot": bool(re.search(r"tt\.dot\b|warp_group_dot", ttgir)),
-        **_ptxas_info(ptx, arch),
-        "shared_bytes": kernel.metadata.shared,
-        "mma": "wgmma" if wgmma else "mma" if mma_sync else None,
-        "wgmma": wgmma, "mma_sync": mma_sync,
-        "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
-        "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-        "loops_with_dot": len(bodies),
-        "loops_with_dot_async": sum(bool(re.search(r"async_copy_global_to_local|async_tma_copy", b)) for b in bodies),
-        "converts_in_dot_loops": sum(len(re.findall(r"ttg\.convert_layout", b)) for b in bodies),
-        "compile_s": round(time.time() - start, 2),
-        "issued_by": entry["issued_by"],
-    }
-    record["spills"] = record["spill_stores"] + record["spill_loads"]
-    return record
-
-
-def _failed_record(entry: dict, error: str) -> dict:
-    names = list(entry["info"]["signature"])
-    config = {names[k[0]]: v for k, v in entry["info"]["constants"].items() if names[k[0]].isupper()}
-    return {"kernel": entry["fn"][1], "config": config, "error": error[-2000:], "issued_by": entry["issued_by"]}
-
-
-def _compile_all(entries: list[dict], arch: int, jobs: int, progress: bool) -> list[dict]:
-    """Compile every entry in `jobs` worker processes; a compiler crash fails only its record."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    from tqdm import tqdm
-
-    records: list[dict | None] = [None] * len(entries)
-    todo = list(range(len(entries)))
-    bar = tqdm(total=len(entries), desc=f"compile sm{arch}", disable=not progress, file=sys.stderr)
-    while todo:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = {i: pool.submit(compile_record, entries[i], arch) for i in todo}
-            todo = []
-            for i, fut in futures.items():
-                try:
-                    records[i] = fut.result()
-                except BrokenProcessPool:
-                    todo.append(i)  # NOTE: a crash breaks the pool: rerun the rest, one at a time
-                except Exception as e:  # noqa: BLE001 - a compile error is a result to record
-                    records[i] = _failed_record(entries[i], repr(e))
-                else:
-                    bar.update()
-            if todo and len(futures) == 1:  # the lone entry crashed the compiler itself
-                records[todo[0]] = _failed_record(entries[todo[0]], "the compiler crashed (see stderr)")
-                bar.update()
-                todo = []
-        jobs = 1 if todo else jobs
-        if todo:  # isolate the crashing one
-            first, todo = todo[0], todo[1:]
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-                try:
-                    records[first] = pool.submit(compile_record, entries[first], arch).result()
-                except BrokenProcessPool:
-                    records[first] = _failed_record(entries[first], "the compiler crashed (see stderr)")
-                except Exception as e:  # noqa: BLE001
-                    records[first] = _failed_record(entries[first], repr(e))
-            bar.update()
-    bar.close()
-    return records
-
-
 def inspect(arch: int, subset: bool = False, progress: bool = True, jobs: int | None = None) -> dict:
     """Capture every launch of the plan, compile each distinct one; returns the result dict."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -304,8 +103,10 @@ def inspect(arch: int, subset: bool = False, progress: bool = True, jobs: int | 
         for name, thunk in launch_plan(shapes, tokens, dtypes, arch):
             label["now"] = name
             thunk()
-    records = _compile_all(list(launches.values()), arch, jobs, progress)
+    records = compile_all(list(launches.values()), arch, jobs, progress)
+    from common import git_commit
     return {"arch": arch, "subset": subset, "smem_limit": SMEM_LIMIT[arch], "triton": triton.__version__,
+            "commit": git_commit(),
             "torch": torch.__version__, "shapes": shapes, "tokens": list(tokens), "dtypes": list(dtypes),
             "records": records}
 
@@ -355,14 +156,53 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tile(r: dict) -> tuple:
+    return tuple((k, r["config"][k]) for k in TILE_KEYS if k in r["config"]) + (
+        ("warps", r["config"]["num_warps"]), ("stages", r["config"]["num_stages"]))
+
+
+def compare_markdown(results: list[dict], dtype: str = "bf16", models: tuple[str, ...] = ("350m", "1b")) -> str:
+    """One row per kernel and tile issued at `models` in `dtype`; per result (arch, Triton): the
+    register range / spill bytes / shared KB / tensor-core instruction of that tile."""
+    keys: dict[tuple, str] = {}
+    for res in results:
+        for r in res["records"]:
+            if "error" not in r and r["dtype"] == dtype and any(i.split()[0] in models for i in r["issued_by"]):
+                keys.setdefault((r["kernel"], _tile(r)), next(i for i in r["issued_by"] if i.split()[0] in models))
+    heads = [f"sm{res['arch']} Triton {res['triton']}" for res in results]
+    lines = ["| kernel | tile | issued by (e.g.) | " + " | ".join(heads) + " |",
+             "|---|---|---|" + "---|" * len(heads)]
+    for (kernel, tile), who in sorted(keys.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        cells = []
+        for res in results:
+            rs = [r for r in res["records"] if "error" not in r and r["kernel"] == kernel and _tile(r) == tile
+                  and r["dtype"] == dtype]
+            if not rs:
+                cells.append("-")
+                continue
+            regs = sorted({r["registers"] for r in rs})
+            cells.append(f"{regs[0]}{'-' + str(regs[-1]) if len(regs) > 1 else ''} / {max(r['spills'] for r in rs)} / "
+                         f"{max(r['shared_bytes'] for r in rs) / 1024:.0f} / {rs[0]['mma'] or '-'}")
+        cfg = " ".join(f"{k}={v}" for k, v in tile)
+        lines.append(f"| `{kernel.strip('_')}` | {cfg} | {who.split(' ', 2)[-1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, choices=[80, 90], required=True)
-    p.add_argument("--json", type=Path, required=True, help="where to write the records")
+    p.add_argument("--arch", type=int, choices=[80, 90])
+    p.add_argument("--json", type=Path, help="where to write the records")
+    p.add_argument("--compare", type=Path, nargs="+", default=None,
+                   help="print the bf16 350m/1b comparison table of these result files (no compiling)")
     p.add_argument("--subset", action="store_true", help="the representative subset CI compiles")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPUs, at most 4)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the grouped markdown table here")
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare_markdown([json.loads(f.read_text()) for f in args.compare]))
+        return 0
+    if args.arch is None or args.json is None:
+        p.error("--arch and --json are required (or --compare)")
     sys.path.insert(0, str(ROOT))
     result = inspect(args.arch, args.subset, jobs=args.jobs)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl  # noqa: F401 - @triton.jit functions here need `tl` in scope
 
 from .relu2_sparse24 import sparse24_compress_ref
 
