@@ -8,7 +8,7 @@ runtime argument specialisation) and this test asserts what the interpreter cann
 - every loop with a dot is fed by async copies (cp.async / TMA): the GEMM loops are pipelined.
 
 The script runs in a subprocess without TRITON_INTERPRET (the interpreter has no compiler), with a
-fresh Triton cache so every run really compiles: about 55 s for both architectures on 2 cores.
+fresh Triton cache so every run really compiles: 55-130 s for both architectures on 2 shared cores.
 Run: python -m pytest tests/test_kernels_compile.py -v
 """
 
