@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -28,13 +27,13 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, environment, write_results  # noqa: E402
-
 from elas_serve import LLM, SamplingParams  # noqa: E402
 from elas_serve.models import save_checkpoint  # noqa: E402
 from elas_serve.train.config import TrainConfig  # noqa: E402
 from elas_serve.train.presets import build_model  # noqa: E402
 from elas_serve.utils import DEMO_CHECKPOINT  # noqa: E402
+
+from common import DOCS, environment, write_results  # noqa: E402
 
 VOCAB = 32000  # LLaMA's, as the presets train; prompts draw ids the demo tokenizer knows
 

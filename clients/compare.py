@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from elas_serve.kernels.backends import FFN_BACKEND_NAMES
+
 from .client import check_target
 from .loadgen import LoadConfig, run_benchmark
 from .process import ManagedProcess, free_port
 
-BACKENDS = ("dense", "sparse24", "fused")
+BACKENDS = FFN_BACKEND_NAMES  # --ffn-backend of the servers compared
 SWEEPS = ("request_rate", "max_concurrency")
 
 

@@ -19,6 +19,7 @@ from dataclasses import MISSING, fields
 
 from elas_serve.cli_help import DefaultsHelpFormatter
 from elas_serve.config import EngineConfig, ReplicaConfig, ServerConfig
+from elas_serve.kernels.backends import TRITON_BACKENDS
 
 SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -121,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     engine, server = config_from_args(EngineConfig, args), config_from_args(ServerConfig, args)
     logging.basicConfig(level=server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if engine.ffn_backend in ("sparse24", "fused") and not engine.device.startswith("cuda") and (
+    if engine.ffn_backend in TRITON_BACKENDS and not engine.device.startswith("cuda") and (
             engine.device == "cpu" or not _cuda_available()):
         # NOTE: Triton kernels run on the CPU only in the interpreter, which must be chosen
         # before they are imported (the engine core process inherits the environment).

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from elas_serve.kernels.backends import FFN_BACKEND_NAMES
 from elas_serve.utils import DEMO_CHECKPOINT
-
-FFN_BACKEND_CHOICES = ("auto", "dense", "sparse24", "fused")
 
 
 def parse_list(text: str) -> list[str]:
@@ -45,7 +44,7 @@ class EngineConfig:
     device: str = opt("auto", "auto | cpu | cuda[:N] (auto: CUDA when present)")
     dtype: str = opt("auto", "weights and activations (auto: float32 on CPU, bfloat16 on CUDA)",
                      choices=("auto", "float32", "bfloat16", "float16"))
-    ffn_backend: str = opt("auto", "how the ELAS FFN runs (docs/kernels.md)", choices=FFN_BACKEND_CHOICES)
+    ffn_backend: str = opt("auto", "how the ELAS FFN runs (docs/kernels.md)", choices=FFN_BACKEND_NAMES)
     max_model_len: int | None = opt(None, "context length (default: the model's max_position_embeddings)")
     max_num_seqs: int = opt(128, "sequences in one batch")
     max_num_batched_tokens: int = opt(2048, "tokens in one engine step (longer prompts are prefilled in chunks)")
@@ -70,8 +69,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("give at most one of num_kv_blocks and kv_cache_memory")
-        if self.ffn_backend not in FFN_BACKEND_CHOICES:
-            raise ValueError(f"ffn_backend must be one of {', '.join(FFN_BACKEND_CHOICES)}, "
+        if self.ffn_backend not in FFN_BACKEND_NAMES:
+            raise ValueError(f"ffn_backend must be one of {', '.join(FFN_BACKEND_NAMES)}, "
                              f"got {self.ffn_backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")

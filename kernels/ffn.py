@@ -3,19 +3,25 @@
 A projection is passed as its factors `(weight_in, weight_out)`, computing
 `x @ weight_in @ weight_out.T`, or `(None, weight)` for a dense `x @ weight.T`. Every backend takes
 x (..., hidden) and returns (..., hidden) in the dtype of x, and computes the same function as
-`dense` (the reference); the model picks one by name (design section 7):
+`ffn_reference`; the model picks one by name (design section 7). `FFN_BACKENDS` is the one registry
+of backend names; `FFN_BACKEND_NAMES` adds "auto" (`ffn_tuning.py`), for configs and CLIs.
 
-  dense     PyTorch matmuls with the 2:4 mask applied (CPU and GPU; the only autograd-able one).
-  sparse24  up projection in PyTorch; one Triton kernel fuses relu ** 2, top-2-of-4 and compression
-            (`relu2_sparse24.py`); the 2:4 GEMM with the down projection's first factor runs on
-            cuSPARSELt for >= CSLT_MIN_TOKENS tokens where a probe says it works
-            (`sparse24_cslt.py`), else in Triton (`sparse24_matmul.py`); a low-rank down's second
-            factor in PyTorch.
-  fused     one Triton kernel from the up projection's last factor to the down projection's first
-            factor (`ffn_fused.py`), never writing the (T, F) activation; the first factor of a
-            low-rank up and the second factor of a low-rank down in PyTorch.
+  dense     the best dense chain: on CUDA in 16-bit, the up GEMM with relu ** 2 and 2:4 in its
+            epilogue (`gemm_relu2_sparse24.py`, one Triton kernel) then cuBLAS for the down
+            projection; elsewhere (CPU, float32) the PyTorch reference.
+  sparse24  the up GEMM's epilogue writes the compressed 2:4 activation, then a 2:4 GEMM with the
+            down projection's first factor: for few tokens the row-skipping GEMV
+            (`sparse24_gemv.py`), else cuSPARSELt on sparse tensor cores where a plan exists
+            (`sparse24_cslt.py`), else the Triton 2:4 GEMM (`sparse24_matmul.py`).
+  fused     one back-to-back Triton kernel from the up projection's last factor to the down
+            projection's first factor (`ffn_fused.py`), never writing the (T, F) activation.
+The first factor of a low-rank up and the second factor of a low-rank down run in PyTorch. The
+Triton launchers are called as torch custom ops (`ops.py`): `torch.compile(fullgraph=True)` of a
+model using any backend does not break its graph there.
 
-The Triton backends run on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests).
+The sparse backends refuse float16: relu(h) ** 2 overflows it above |h| = 255.9, and the inf then
+turns into NaN in the 2:4 GEMM (inf * 0). The Triton backends run on CUDA, or on the CPU under
+TRITON_INTERPRET=1 (tests).
 """
 
 from __future__ import annotations
@@ -24,15 +30,11 @@ from collections.abc import Callable
 
 import torch
 
-from .ffn_fused import relu2_sparse24_ffn
-from .relu2_sparse24 import relu2_sparse24_compress, relu2_sparse24_ref
-from .sparse24_cslt import cslt_usable, sparse24_matmul_cslt
-from .sparse24_matmul import sparse24_matmul
+from . import ops
+from .backends import FFN_BACKEND_NAMES
+from .relu2_sparse24 import relu2_sparse24_ref
 
 Factors = tuple["torch.Tensor | None", torch.Tensor]
-# NOTE: cuSPARSELt pads M to 32 and plans per call; quoted measurements show 2:4 GEMMs losing to
-# dense below ~64-512 rows (research notes on sparsity, section 6). A guess until bench_ffn.py measures it.
-CSLT_MIN_TOKENS = 128
 FFNFn = Callable[[torch.Tensor, Factors, Factors, bool], torch.Tensor]
 
 
@@ -43,33 +45,56 @@ def project(x: torch.Tensor, factors: Factors) -> torch.Tensor:
     return x @ weight_out.T
 
 
-def ffn_dense(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool) -> torch.Tensor:
-    """Reference: PyTorch matmuls with the 2:4 mask applied. x (T, hidden) -> (T, hidden)."""
+def ffn_reference(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool) -> torch.Tensor:
+    """Reference: PyTorch matmuls with the 2:4 mask applied. x (..., hidden) -> (..., hidden)."""
     return project(relu2_sparse24_ref(project(x, up), two_by_four), down)
 
 
-def _down_split(down: Factors) -> tuple[torch.Tensor, torch.Tensor | None]:
+def down_split(down: Factors) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The down projection as (first factor (F, N), second factor or None): y @ first [@ second.T]."""
     weight_in, weight_out = down
     return (weight_out.T, None) if weight_in is None else (weight_in, weight_out)
 
 
+def _up_split(x: torch.Tensor, up: Factors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, last factor (F, K)): a (T, K) is x, or x @ weight_in for a low-rank up."""
+    weight_in, weight_out = up
+    return (x if weight_in is None else x @ weight_in), weight_out
+
+
+def _refuse_float16(x: torch.Tensor, backend: str) -> None:
+    if x.dtype == torch.float16:
+        raise ValueError(f"FFN backend {backend!r} refuses float16: relu(h) ** 2 overflows float16 above "
+                         f"|h| = 255.9 and the 2:4 GEMM turns the inf into NaN; use bfloat16, or the dense backend")
+
+
+def ffn_dense_chain(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool) -> torch.Tensor:
+    """The epilogue-fused dense chain (any device Triton runs on): up GEMM + relu ** 2 + 2:4 in one
+    kernel, then the down projection in PyTorch."""
+    lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    a, up_last = _up_split(x, up)
+    z = project(torch.ops.elas.up_relu2_sparse24(a, up_last, two_by_four), down)
+    return z.reshape(*lead, z.shape[-1])
+
+
+def ffn_dense(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool) -> torch.Tensor:
+    """The best dense chain: `ffn_dense_chain` on CUDA in 16-bit, else `ffn_reference`."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return ffn_dense_chain(x, up, down, two_by_four)
+    return ffn_reference(x, up, down, two_by_four)
+
+
 def ffn_sparse24(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool,
                  gemm: str = "auto") -> torch.Tensor:
-    """Compress-then-GEMM backend. `gemm`: "triton", "cusparselt", or "auto" (cuSPARSELt where
-    usable and T >= CSLT_MIN_TOKENS, else Triton)."""
-    if not two_by_four:  # NOTE: nothing is sparse: the dense path is this backend's best
+    """Producer-then-2:4-GEMM backend. `gemm`: "auto" (see the module docstring), "gemv",
+    "cusparselt" or "triton"."""
+    if not two_by_four:  # NOTE: nothing is sparse: the dense chain is this backend's best
         return ffn_dense(x, up, down, two_by_four)
+    _refuse_float16(x, "sparse24")
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    h = project(x, up)  # (T, F)
-    first, second = _down_split(down)
-    use_cslt = gemm == "cusparselt" or (
-        gemm == "auto" and h.shape[0] >= CSLT_MIN_TOKENS and cslt_usable(h.device, h.dtype))
-    if use_cslt:
-        z = sparse24_matmul_cslt(h, first)  # (T, N)
-    else:
-        assert gemm in ("auto", "triton"), gemm
-        z = sparse24_matmul(relu2_sparse24_compress(h), first)  # (T, N)
+    a, up_last = _up_split(x, up)
+    first, second = down_split(down)
+    z = torch.ops.elas.sparse24_down(a, up_last, first, gemm)  # (T, N)
     if second is not None:
         z = z @ second.T
     return z.reshape(*lead, z.shape[-1])
@@ -77,14 +102,16 @@ def ffn_sparse24(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool,
 
 def ffn_fused(x: torch.Tensor, up: Factors, down: Factors, two_by_four: bool) -> torch.Tensor:
     """One-kernel backend: the (T, F) activation lives only in registers."""
+    _refuse_float16(x, "fused")
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    up_in, up_last = up
-    a = x if up_in is None else x @ up_in  # (T, K): K = hidden or the up rank
-    first, second = _down_split(down)
-    z = relu2_sparse24_ffn(a, up_last, first, two_by_four)  # (T, N)
+    a, up_last = _up_split(x, up)
+    first, second = down_split(down)
+    z = torch.ops.elas.relu2_sparse24_ffn(a, up_last, first, two_by_four)  # (T, N)
     if second is not None:
         z = z @ second.T
     return z.reshape(*lead, z.shape[-1])
 
 
 FFN_BACKENDS: dict[str, FFNFn] = {"dense": ffn_dense, "sparse24": ffn_sparse24, "fused": ffn_fused}
+assert FFN_BACKEND_NAMES == ("auto", *FFN_BACKENDS), "kernels/backends.py lists the backends"
+sparse24_route = ops.sparse24_route

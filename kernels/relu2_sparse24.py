@@ -102,8 +102,13 @@ def sparse24_decompress_ref(a: Sparse24) -> torch.Tensor:
 
 @triton.jit
 def relu2(h, DTYPE: tl.constexpr):
-    """relu(h) ** 2 rounded to DTYPE, with h first rounded to DTYPE (as the reference sees it)."""
-    r = tl.maximum(round_to(h.to(tl.float32), DTYPE).to(tl.float32), 0.0)
+    """relu(h) ** 2 rounded to DTYPE, with h first rounded to DTYPE (as the reference sees it).
+
+    NOTE: `where(h < 0, 0, h)`, not `maximum(h, 0)`: on the GPU `maximum` turns NaN into 0, while
+    `torch.relu` (the reference) propagates it.
+    """
+    r = round_to(h.to(tl.float32), DTYPE).to(tl.float32)
+    r = tl.where(r < 0.0, 0.0, r)
     return round_to(r * r, DTYPE)
 
 
@@ -120,50 +125,106 @@ def top2_of_4(y0, y1, y2, y3):
     return r0 < 2, r1 < 2, r2 < 2, r3 < 2
 
 
+# --- tile helpers: a (BLOCK_T, BLOCK_F) tile seen as (BLOCK_T, BLOCK_F // 4) groups of 4 ----------
+# A GEMM kernel may compute its tile with the columns permuted (`permuted_features`): column
+# j = 16b + 8jj + 2q + e holds feature 16b + 4q + 2jj + e, so the 4 members (m = 2jj + e) of a group
+# sit in the register pairs a tensor-core accumulator gives one thread (2 adjacent columns, and the
+# same 2 columns 8 further on, in mma.sync and wgmma layouts alike): splitting the tile into its
+# groups then moves no data between threads.
+
+
+@triton.jit
+def permuted_features(BLOCK_F: tl.constexpr):
+    """Feature offset, within a block of BLOCK_F, of each of its BLOCK_F permuted tile columns."""
+    j = tl.arange(0, BLOCK_F)
+    return (j // 16) * 16 + ((j % 8) // 2) * 4 + ((j % 16) // 8) * 2 + j % 2
+
+
+@triton.jit
+def split_groups(x, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, PERMUTED: tl.constexpr):
+    """Members 0..3, each (BLOCK_T, BLOCK_F // 4), of the groups of 4 features of tile `x`."""
+    if PERMUTED:
+        x = tl.permute(tl.reshape(x, (BLOCK_T, BLOCK_F // 16, 2, 4, 2)), (0, 1, 3, 2, 4))
+    x = tl.reshape(x, (BLOCK_T, BLOCK_F // 4, 2, 2))  # [t, g, jj, e]: member 2 * jj + e
+    even, odd = tl.split(x)
+    m0, m2 = tl.split(even)
+    m1, m3 = tl.split(odd)
+    return m0, m1, m2, m3
+
+
+@triton.jit
+def join_groups(m0, m1, m2, m3, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, PERMUTED: tl.constexpr):
+    """The inverse of `split_groups`."""
+    x = tl.join(tl.join(m0, m2), tl.join(m1, m3))  # (BLOCK_T, BLOCK_F // 4, 2, 2)
+    if PERMUTED:
+        x = tl.permute(tl.reshape(x, (BLOCK_T, BLOCK_F // 16, 4, 2, 2)), (0, 1, 3, 2, 4))
+    return tl.reshape(x, (BLOCK_T, BLOCK_F))
+
+
+@triton.jit
+def sparsify_groups(m0, m1, m2, m3, dense):
+    """Members with the 2 smallest of each group zeroed, unless `dense` (the partial last group)."""
+    k0, k1, k2, k3 = top2_of_4(m0, m1, m2, m3)
+    return (tl.where(k0 | dense, m0, 0.0), tl.where(k1 | dense, m1, 0.0),
+            tl.where(k2 | dense, m2, 0.0), tl.where(k3 | dense, m3, 0.0))
+
+
+@triton.jit
+def pack_groups(m0, m1, m2, m3):
+    """The kept values (first, second) and the nibble `i0 | i1 << 2` of each group."""
+    k0, k1, k2, k3 = top2_of_4(m0, m1, m2, m3)
+    first = tl.where(k0, m0, tl.where(k1, m1, m2))
+    second = tl.where(k3, m3, tl.where(k2, m2, m1))
+    i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
+    i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
+    return first, second, i0 | (i1 << 2)
+
+
+@triton.jit
+def nibble_words(nibbles, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """(BLOCK_T, BLOCK_G) nibbles -> (BLOCK_T, BLOCK_G // 4) words, the lowest group lowest."""
+    shifts = tl.arange(0, 4) * 4
+    return tl.sum(tl.reshape(nibbles, (BLOCK_T, BLOCK_G // 4, 4)) << shifts[None, None, :], axis=2)
+
+
 @triton.jit
 def _relu2_sparse24_compress_kernel(
         h_ptr, out_ptr, meta_ptr, tail_ptr, num_tokens, num_groups, rows_out, groups_out,
-        stride_ht, stride_hf, stride_ot, stride_mt, stride_tt,
+        stride_ht, stride_ot, stride_mt, stride_tt,
         PRUNED: tl.constexpr, TAIL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    # grid: (token blocks, group blocks) over (rows_out, groups_out); programs past the input
-    # write zeros (the padding of the pruned layout).
+    # grid: (token blocks, group blocks) over (rows_out, groups_out); programs past the input write
+    # zeros (the padding of the pruned layout). One contiguous (BLOCK_T, 4 * BLOCK_G) load per
+    # program; h has a unit feature stride (the launchers make it so).
     pid_t, pid_g = tl.program_id(0), tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_c = pid_g * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)  # features
     t_in = offs_t < num_tokens
-    mask = t_in[:, None] & (offs_g < num_groups)[None, :]  # (BLOCK_T, BLOCK_G)
-    h_row = h_ptr + offs_t[:, None] * stride_ht
-    col = 4 * offs_g[None, :]
+    h = tl.load(h_ptr + offs_t[:, None] * stride_ht + offs_c[None, :],
+                mask=t_in[:, None] & (offs_c < 4 * num_groups)[None, :], other=0.0)
     dtype = out_ptr.dtype.element_ty
-    y0 = relu2(tl.load(h_row + (col + 0) * stride_hf, mask=mask, other=0.0), dtype)
-    y1 = relu2(tl.load(h_row + (col + 1) * stride_hf, mask=mask, other=0.0), dtype)
-    y2 = relu2(tl.load(h_row + (col + 2) * stride_hf, mask=mask, other=0.0), dtype)
-    y3 = relu2(tl.load(h_row + (col + 3) * stride_hf, mask=mask, other=0.0), dtype)
-    k0, k1, k2, k3 = top2_of_4(y0, y1, y2, y3)
+    m0, m1, m2, m3 = split_groups(relu2(h, dtype), BLOCK_T, 4 * BLOCK_G, False)
     out_row = out_ptr + offs_t[:, None] * stride_ot
     if PRUNED:  # dense (rows_out, 4 * groups_out) with the dropped entries zeroed
-        out_mask = (offs_t < rows_out)[:, None] & (offs_g < groups_out)[None, :]
-        tl.store(out_row + col + 0, tl.where(k0, y0, 0.0), mask=out_mask)
-        tl.store(out_row + col + 1, tl.where(k1, y1, 0.0), mask=out_mask)
-        tl.store(out_row + col + 2, tl.where(k2, y2, 0.0), mask=out_mask)
-        tl.store(out_row + col + 3, tl.where(k3, y3, 0.0), mask=out_mask)
+        y = join_groups(*sparsify_groups(m0, m1, m2, m3, False), BLOCK_T, 4 * BLOCK_G, False)
+        out_mask = (offs_t < rows_out)[:, None] & (offs_c < 4 * groups_out)[None, :]
+        tl.store(out_row + offs_c[None, :], y.to(dtype), mask=out_mask)
     else:  # values (T, 2G) + int16 meta (T, ceil(G/4))
-        tl.store(out_row + 2 * offs_g[None, :], tl.where(k0, y0, tl.where(k1, y1, y2)), mask=mask)
-        tl.store(out_row + 2 * offs_g[None, :] + 1, tl.where(k3, y3, tl.where(k2, y2, y1)), mask=mask)
-        i0 = tl.where(k0, 0, tl.where(k1, 1, 2))
-        i1 = tl.where(k3, 3, tl.where(k2, 2, 1))
-        nibbles = tl.where(mask, i0 | (i1 << 2), 0)  # (BLOCK_T, BLOCK_G)
-        shifts = tl.arange(0, 4) * 4
-        words = tl.sum(tl.reshape(nibbles, (BLOCK_T, BLOCK_G // 4, 4)) << shifts[None, None, :], axis=2)
+        first, second, nibbles = pack_groups(m0, m1, m2, m3)
+        offs_v = pid_g * 2 * BLOCK_G + tl.arange(0, 2 * BLOCK_G)
+        values = tl.reshape(tl.join(first, second), (BLOCK_T, 2 * BLOCK_G))
+        tl.store(out_row + offs_v[None, :], values.to(dtype),
+                 mask=t_in[:, None] & (offs_v < 2 * num_groups)[None, :])
+        offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+        nibbles = tl.where((offs_g < num_groups)[None, :], nibbles, 0)
         offs_w = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
         w_mask = t_in[:, None] & (offs_w < tl.cdiv(num_groups, 4))[None, :]
         # NOTE: words are < 2^16; the int16 cast keeps their bits (two's-complement wrap)
-        tl.store(meta_ptr + offs_t[:, None] * stride_mt + offs_w[None, :], words.to(tl.int16), mask=w_mask)
+        tl.store(meta_ptr + offs_t[:, None] * stride_mt + offs_w[None, :],
+                 nibble_words(nibbles, BLOCK_T, BLOCK_G).to(tl.int16), mask=w_mask)
     if TAIL > 0:
         if pid_g == 0:  # the dense tail, written by the first column of programs
             for j in tl.static_range(TAIL):
-                col_j = (4 * num_groups + j) * stride_hf
-                hj = tl.load(h_ptr + offs_t * stride_ht + col_j, mask=t_in, other=0.0)
+                hj = tl.load(h_ptr + offs_t * stride_ht + 4 * num_groups + j, mask=t_in, other=0.0)
                 tl.store(tail_ptr + offs_t * stride_tt + j, relu2(hj, dtype), mask=t_in)
 
 
@@ -173,10 +234,12 @@ _BLOCK_T, _BLOCK_G = 16, 64
 def _launch(h: torch.Tensor, out: torch.Tensor, meta: torch.Tensor, tail: torch.Tensor,
             rows_out: int, groups_out: int, pruned: bool) -> None:
     num_tokens, width = h.shape
+    if h.stride(1) != 1:
+        h = h.contiguous()
     grid = (triton.cdiv(rows_out, _BLOCK_T), max(1, triton.cdiv(groups_out, _BLOCK_G)))
     _relu2_sparse24_compress_kernel[grid](
         h, out, meta, tail, num_tokens, width // 4, rows_out, groups_out,
-        h.stride(0), h.stride(1), out.stride(0), meta.stride(0), tail.stride(0),
+        h.stride(0), out.stride(0), meta.stride(0), tail.stride(0),
         PRUNED=pruned, TAIL=width % 4, BLOCK_T=_BLOCK_T, BLOCK_G=_BLOCK_G)
 
 
@@ -196,7 +259,7 @@ def relu2_sparse24_compress(h: torch.Tensor) -> Sparse24:
 def relu2_sparse24_pruned(h: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The 2:4-pruned relu(h) ** 2 body, zero-padded to (rows, cols), and its dense tail (T, F % 4).
 
-    This is the dense input `torch._cslt_compress` expects (cuSPARSELt computes its own layout).
+    This is the dense input `torch._cslt_compress` expects (its fallback path, and the GPU tests).
     """
     check_operands(h)
     num_tokens, width = h.shape

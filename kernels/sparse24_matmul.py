@@ -14,7 +14,8 @@ NOTE: mainline Triton has no sparse-tensor-core dot, so this kernel saves memory
 instead of 2 bytes per bf16 activation element), not tensor-core FLOPs; the sparse tensor-core
 path is cuSPARSELt (`sparse24_cslt.py`).
 NOTE: for few tokens the reduction over groups is split across programs (`num_splits`), each
-writing a float32 partial that is summed afterwards, deterministically.
+writing a float32 partial that `split_reduce.sum_splits` sums, deterministically. Warps are matched
+to the tile (`warps_for`); values are read as one contiguous (BLOCK_T, 2 BLOCK_G) tile.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .relu2_sparse24 import Sparse24, sparse24_decompress_ref
-from .triton_utils import check_operands, dot_acc, round_to, upcast_dots
-from .triton_utils import num_splits as default_splits
+from .split_reduce import sum_splits
+from .triton_utils import check_operands, dot_acc, num_splits, round_to, upcast_dots, warps_for
 
 
 def sparse24_matmul_ref(a: Sparse24, w: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,8 @@ def sparse24_matmul_ref(a: Sparse24, w: torch.Tensor) -> torch.Tensor:
     return sparse24_decompress_ref(a) @ w
 
 
-@triton.jit
+# NOTE: `groups_per_split` is never specialised (a constexpr 1 drops the loop, and ptxas then spills)
+@triton.jit(do_not_specialize=["groups_per_split"])
 def _sparse24_matmul_kernel(
         values_ptr, meta_ptr, tail_ptr, w_ptr, out_ptr, num_tokens, num_groups, n, groups_per_split,
         stride_vt, stride_mt, stride_tt, stride_wf, stride_wn, stride_os, stride_ot, stride_on,
@@ -52,9 +54,10 @@ def _sparse24_matmul_kernel(
         word = tl.load(meta_ptr + offs_t[:, None] * stride_mt + (offs_g // 4)[None, :], mask=mask, other=0)
         nibble = (word.to(tl.int32) >> (4 * (offs_g % 4))[None, :]) & 0xF
         i0, i1 = nibble & 3, nibble >> 2  # kept positions, i0 < i1
-        v_row = values_ptr + offs_t[:, None] * stride_vt + 2 * offs_g[None, :]
-        v0 = tl.load(v_row, mask=mask, other=0.0)  # (BLOCK_T, BLOCK_G)
-        v1 = tl.load(v_row + 1, mask=mask, other=0.0)
+        offs_v = 2 * g_start + 2 * g0 + tl.arange(0, 2 * BLOCK_G)
+        v = tl.load(values_ptr + offs_t[:, None] * stride_vt + offs_v[None, :],
+                    mask=t_mask[:, None] & (offs_v < 2 * num_groups)[None, :], other=0.0)
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_T, BLOCK_G, 2)))  # (BLOCK_T, BLOCK_G) each
         w_mask = g_mask[:, None] & n_mask[None, :]
         for p in tl.static_range(4):
             a = tl.where(i0 == p, v0, tl.where(i1 == p, v1, 0.0))  # dense column 4g + p
@@ -72,6 +75,15 @@ def _sparse24_matmul_kernel(
     tl.store(out, round_to(acc, out_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
 
+def _blocks(num_tokens: int, n: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_G, BLOCK_N), from ahead-of-time compiles (`inspect_kernels.py`): 64-row
+    tiles spill with 32 groups per step; 64-wide N tiles crash Triton 3.9's compiler here."""
+    block_t = 16 if num_tokens <= 16 else 32 if num_tokens <= 32 else 64
+    if dtype == torch.float32:  # NOTE: FMA dots: small tiles, or they spill
+        return min(block_t, 32), 16, min(32, max(16, triton.next_power_of_2(n)))
+    return block_t, 16, min(128, max(16, triton.next_power_of_2(n)))
+
+
 def sparse24_matmul(a: Sparse24, w: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """`sparse24_matmul_ref(a, w)` with float32 accumulation. `splits`: None picks one."""
     values, meta, tail = a
@@ -83,12 +95,10 @@ def sparse24_matmul(a: Sparse24, w: torch.Tensor, splits: int | None = None) -> 
     n = w.shape[1]
     if num_tokens == 0 or n == 0:
         return values.new_zeros(num_tokens, n)
-    block_t = 16 if num_tokens <= 16 else 32 if num_tokens <= 32 else 64
-    block_n = min(128, max(16, triton.next_power_of_2(n)))
-    block_g = 32
+    block_t, block_g, block_n = _blocks(num_tokens, n, values.dtype)
     num_tiles = triton.cdiv(num_tokens, block_t) * triton.cdiv(n, block_n)
     num_blocks = max(1, triton.cdiv(groups, block_g))
-    splits = min(splits or default_splits(values.device, num_tiles, num_blocks), num_blocks)
+    splits = min(splits or num_splits(values.device, num_tiles, num_blocks, num_tokens), num_blocks)
     groups_per_split = triton.cdiv(num_blocks, splits) * block_g
     splits = max(1, triton.cdiv(groups, groups_per_split))  # no empty split
     out = values.new_empty(num_tokens, n) if splits == 1 else torch.empty(
@@ -101,5 +111,5 @@ def sparse24_matmul(a: Sparse24, w: torch.Tensor, splits: int | None = None) -> 
         stride_os, out.stride(-2), out.stride(-1),
         TAIL=tail.shape[1], UPCAST=upcast_dots(values.dtype),
         BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_N=block_n,
-        num_warps=8 if block_t * block_n >= 8192 else 4)
-    return out if splits == 1 else out.sum(0).to(values.dtype)
+        num_warps=warps_for(block_t))
+    return out if splits == 1 else sum_splits(out, values.dtype)

@@ -46,7 +46,9 @@ class ElasMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self._backend(x.numel() // x.shape[-1])
-        if backend != "dense" and not torch.is_grad_enabled():
+        # NOTE: `dense` on CUDA is the epilogue-fused chain (kernels.ffn.ffn_dense) when bias-free
+        kernel = backend != "dense" or (x.is_cuda and self.up_proj.bias is None and self.down_proj.bias is None)
+        if kernel and not torch.is_grad_enabled():
             fn = FFN_BACKENDS[backend]
             return fn(x, self.up_proj.factors(), self.down_proj.factors(), self.two_by_four)
         y = torch.relu(self.up_proj(x)).square()  # (..., F)

@@ -17,11 +17,13 @@ import time
 import torch
 
 from elas_serve.config import EngineConfig
+from elas_serve.kernels.backends import TRITON_BACKENDS
+from elas_serve.kernels.ffn_tuning import describe, tune_ffn_backends
 from elas_serve.models import ElasForCausalLM, load_model
+from elas_serve.models.mlp import ElasMLP
 from elas_serve.utils import resolve_device, resolve_dtype
 
 from .block_manager import BlockManager
-from .ffn_tuning import describe, tune_ffn_backends
 from .messages import EngineCoreOutputs, EngineCoreRequest, ModelInfo
 from .model_runner import ModelRunner, kv_cache_block_bytes
 from .request import Request, RequestStatus
@@ -62,13 +64,16 @@ class EngineCore:
     def _select_ffn_backend(self, name: str) -> str:
         """Route the model's FFNs; returns the backend's description (for logs and metrics)."""
         on_cpu = self.model.output_weight.device.type == "cpu"
-        if name in ("sparse24", "fused") and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        if name in TRITON_BACKENDS and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"--ffn-backend {name} runs Triton kernels: on the CPU they need the "
                              f"interpreter (TRITON_INTERPRET=1 set before start-up); use dense or auto")
         if name == "auto":
             # NOTE: on the CPU the Triton backends exist only in the interpreter: dense, unmeasured
-            table = [(self.config.max_num_batched_tokens, "dense")] if on_cpu else tune_ffn_backends(
-                self.model, self.config.max_num_batched_tokens)
+            budget = self.config.max_num_batched_tokens
+            mlp = next((layer.mlp for layer in self.model.model.layers if isinstance(layer.mlp, ElasMLP)), None)
+            tunable = mlp is not None and mlp.up_proj.bias is None and mlp.down_proj.bias is None
+            table = tune_ffn_backends(mlp.up_proj.factors(), mlp.down_proj.factors(), mlp.two_by_four, budget) \
+                if tunable and not on_cpu else [(budget, "dense")]
             self.model.set_ffn_backend(table)
             return describe(table)
         self.model.set_ffn_backend(name)
