@@ -2,7 +2,8 @@
 
 For each concurrency c: c requests (distinct prompts of --input-len tokens, exactly --output-len
 greedy tokens each: `ignore_eos`) start at once and run to the end; a round's output tok/s is
-c * output_len over its wall time; each level runs --rounds times and the median is reported.
+c * output_len over its wall time; each level runs --rounds paired rounds (offline, then HTTP, on
+the same prompts) and the median of each and of the per-round ratio is reported.
 - offline: `LLM(model).generate(prompts, SamplingParams)` in this process;
 - http: `elas-serve serve` as a process, c concurrent streaming `/v1/completions` requests sent by
   an async httpx client in this process (SSE read to `[DONE]`).
@@ -61,14 +62,16 @@ async def http_round(url: str, prompts: list[list[int]], output_len: int, probe_
     async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
         body = {"model": "bench", "prompt": prompt, "max_tokens": output_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        usage = None
+        # NOTE: the client shares the 2 cores with the server: it reads the events as bytes and
+        # parses only the last (the usage), so its own cost stays small
+        tail = b""
         async with client.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if line.startswith("data: {"):
-                    chunk = json.loads(line[6:])
-                    usage = chunk.get("usage") or usage
-        return usage["completion_tokens"]
+            async for data in r.aiter_raw():
+                tail = (tail + data)[-4096:]
+        events = tail.split(b"\n\n")
+        assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+        return json.loads(events[-3][6:])["usage"]["completion_tokens"]
 
     health: list[float] = []
     done = asyncio.Event()
@@ -121,7 +124,7 @@ def markdown(data: dict, before: dict | None) -> str:
              f"Demo-sized workload: {data['input_len']} prompt + {data['output_len']} output tokens per request, "
              f"greedy, c requests at once, median of {data['rounds']} rounds; torch {env['torch']}, "
              f"commit {env['commit']}, {env['date']}. Target: HTTP >= 90% of offline at c=64, /health p99 < 50 ms.",
-             "", "| c | offline tok/s | HTTP tok/s | HTTP / offline |"
+             "", "| c | offline tok/s | HTTP tok/s | HTTP / offline (median of paired rounds) |"
              + (" before: HTTP / offline |" if before else ""), "|---:|---:|---:|---:|" + ("---:|" if before else "")]
     old = {r["concurrency"]: r for r in (before or {}).get("results", [])}
     for r in data["results"]:
@@ -155,34 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     rounds = {c: [make_prompts(c, args.input_len, vocab, args.seed + 1000 * c + r) for r in range(args.rounds)]
               for c in levels}
     bar = tqdm(total=2 * len(levels) * args.rounds, desc="frontend")
-    offline: dict[int, list[float]] = {}
-    llm = LLM(model=args.model, max_num_seqs=max(levels))
-    llm.generate(rounds[levels[0]][0], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    for c in levels:
-        offline[c] = []
-        for prompts in rounds[c]:
-            offline[c].append(offline_round(llm, prompts, args.output_len))
-            bar.update()
-    del llm
-    http: dict[int, list[float]] = {}
+    offline: dict[int, list[float]] = {c: [] for c in levels}
+    http: dict[int, list[float]] = {c: [] for c in levels}
     health: list[float] = []
+    # NOTE: the server (its own processes, idle meanwhile) and the offline engine are both up, and
+    # each round runs offline then over HTTP: paired rounds see the same machine (this VM's speed
+    # drifts by tens of percent from minute to minute)
     proc, url = start_server(args.model, engine_args)
     try:
-        asyncio.run(http_round(url, rounds[levels[0]][0][:1], 4, False))  # warm-up
+        llm = LLM(model=args.model, max_num_seqs=max(levels))
+        llm.generate(rounds[levels[0]][0], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        asyncio.run(http_round(url, rounds[levels[0]][0][:1], 4, False))
         for c in levels:
-            http[c] = []
             for prompts in rounds[c]:
+                offline[c].append(offline_round(llm, prompts, args.output_len))
                 tok_s, h = asyncio.run(http_round(url, prompts, args.output_len, c == max(levels)))
                 http[c].append(tok_s)
                 health += h
-                bar.update()
+                bar.update(2)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     bar.close()
     results = [{"concurrency": c, "offline_tok_s": statistics.median(offline[c]),
                 "http_tok_s": statistics.median(http[c]),
-                "http_over_offline": statistics.median(http[c]) / statistics.median(offline[c]),
+                "http_over_offline": statistics.median(h / o for h, o in zip(http[c], offline[c])),
                 "offline_rounds": offline[c], "http_rounds": http[c]} for c in levels]
     ms = np.array(health) * 1e3
     data = {"label": args.label, "environment": environment(torch.device("cpu")), "model": str(args.model),
