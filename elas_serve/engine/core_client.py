@@ -15,6 +15,7 @@ Both deliver outputs by calling `on_outputs` from their own thread; the caller m
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import queue
@@ -107,6 +108,8 @@ def _core_process_main(config, commands, outputs) -> None:
         outputs.send(("error", type(e).__name__, str(e)))
         return
     outputs.send(("ready", core.model_info))
+    gc.collect()
+    gc.freeze()  # NOTE: the model and libraries are never garbage: full collections skip them
 
     def recv(block: bool) -> list[Command]:
         got: list[Command] = []
@@ -118,6 +121,7 @@ def _core_process_main(config, commands, outputs) -> None:
         return got
 
     run_core_loop(core, recv, outputs.send)
+    gc.unfreeze()
 
 
 class MPCoreClient:
