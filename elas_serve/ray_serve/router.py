@@ -1,7 +1,8 @@
 """PrefixAwareRouter: Ray Serve's request router for engine replicas, by load with prefix affinity.
 
 Load is what each replica publishes (`EngineReplica.record_routing_stats`: requests running and
-waiting in its engine). Prefix affinity follows vLLM's and SGLang's routers: a request goes to the
+waiting in its engine, refreshed every second), or, when higher, the requests this router has
+routed to it and not seen complete (fresh between two snapshots). Prefix affinity follows vLLM's and SGLang's routers: a request goes to the
 replica that last served the longest block-aligned prefix of its prompt (chained hashes of
 `block_size`-token blocks, as the KV cache's prefix caching hashes them), so that replica's prefix
 cache hits; unless that replica carries `imbalance` more requests than the least loaded one, then
@@ -33,12 +34,13 @@ class PrefixAwareRouter(RequestRouter):
         self.prefix_affinity, self.block_size, self.max_blocks = prefix_affinity, block_size, max_blocks
         self.imbalance = imbalance
         self.owner: OrderedDict[int, ReplicaID] = OrderedDict()  # prefix hash -> replica that served it
+        self.in_flight: dict[ReplicaID, int] = {}  # routed here, not completed
         self._turn = itertools.count()
 
-    @staticmethod
-    def load(replica: RunningReplica) -> int:
+    def load(self, replica: RunningReplica) -> int:
         stats = replica.routing_stats or {}
-        return int(stats.get("num_running", 0)) + int(stats.get("num_waiting", 0))
+        published = int(stats.get("num_running", 0)) + int(stats.get("num_waiting", 0))
+        return max(published, self.in_flight.get(replica.replica_id, 0))
 
     def _hashes(self, pending: PendingRequest | None) -> list[int]:
         if pending is None or not pending.args:
@@ -64,7 +66,11 @@ class PrefixAwareRouter(RequestRouter):
                 break
         return [[r] for r in by_load]
 
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.in_flight[replica_id] = max(self.in_flight.get(replica_id, 0) - 1, 0)
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self.in_flight[replica_id] = self.in_flight.get(replica_id, 0) + 1
         if not self.prefix_affinity:
             return
         for h in self._hashes(pending_request):
