@@ -7,7 +7,7 @@ distinct long system prompts each get --questions short questions, sent in a shu
 `usage.prompt_tokens_details.cached_tokens` over the sum of `usage.prompt_tokens`. Output tok/s and
 latency percentiles come from the same run. Writes docs/benchmarks/replicas_<device>.{json,md}.
 
-Run: python benchmarks/bench_replicas.py [--replicas 2] [--systems 4] [--questions 12]
+Run: python benchmarks/bench_replicas.py [--replicas 2] [--systems 16] [--questions 4]
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--replica-cpus", type=float, default=0.5)
-    p.add_argument("--systems", type=int, default=4)
-    p.add_argument("--questions", type=int, default=12)
+    p.add_argument("--systems", type=int, default=16)
+    p.add_argument("--questions", type=int, default=4)
     p.add_argument("--system-words", type=int, default=120)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=8)
