@@ -42,7 +42,8 @@ def write_checkpoints(preset: str, root: Path, max_len: int) -> dict[str, Path]:
     """{"elas": dir, "dense": dir}: random weights at `preset`'s shape."""
     out = {}
     for name, kw in (("elas", dict(ffn="relu2", lowrank_scope="all")), ("dense", dict(ffn="swiglu", lowrank_scope="none"))):
-        cfg = TrainConfig(data=["-"], out_dir=str(root), preset=preset, max_position_embeddings=max_len, **kw)
+        cfg = TrainConfig(data=["-"], out_dir=str(root), preset=preset, max_position_embeddings=max_len,
+                          seq_len=min(256, max_len), **kw)
         model = build_model(cfg, VOCAB, eos_token_id=0, device=torch.device("cpu"))
         out[name] = save_checkpoint(model, root / name, tokenizer_file=DEMO_CHECKPOINT / "tokenizer.json")
         del model
