@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_results  # noqa: E402
-
 from elas_serve.models import ElasForCausalLM  # noqa: E402
 from elas_serve.train.config import TrainConfig  # noqa: E402
 from elas_serve.train.presets import PRESETS, build_model_config  # noqa: E402
+
+from common import environment, write_results  # noqa: E402
 
 VOCAB = 32000
 BYTES = {"bfloat16": 2, "float32": 4}
