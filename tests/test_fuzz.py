@@ -15,6 +15,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import (
@@ -70,6 +71,21 @@ def test_no_input_gets_a_5xx_and_every_response_is_documented(fuzz_server, mode)
     CASES.extend(ran)
     print(f"{mode.value}: {len(ran)} cases over {len(set(ran))} operations")
     assert len(set(ran)) >= (8 if mode == GenerationMode.POSITIVE else 4)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+          derandomize=True)
+@given(bias=st.dictionaries(st.integers(-3, 700).map(str), st.floats(-1e6, 1e6, allow_nan=False), max_size=6),
+       max_tokens=st.integers(0, 4))
+def test_numeric_logit_bias_keys(fuzz_server, bias, max_tokens):
+    """What schemathesis may or may not draw: token-id keys in and out of the vocabulary (320)."""
+    BIASED.append(bias)
+    r = httpx.post(f"{fuzz_server.url}/v1/completions", json={"prompt": "It is", "max_tokens": max_tokens,
+                                                              "logit_bias": bias})
+    in_vocab = all(0 <= int(k) < 320 for k in bias)
+    assert r.status_code == (200 if in_vocab else 400), r.text
+    if not in_vocab:
+        assert r.json()["error"]["param"] == "logit_bias"
 
 
 def test_the_engine_survived_every_case(fuzz_server):
