@@ -23,11 +23,9 @@ import argparse
 import asyncio
 import json
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from elas_serve import LLM, SamplingParams  # noqa: E402
 from elas_serve.utils import DEMO_CHECKPOINT  # noqa: E402
 
-from common import DOCS, environment, write_results  # noqa: E402
+from common import DOCS, environment, serve, write_results  # noqa: E402
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -97,27 +95,6 @@ async def http_round(url: str, prompts: list[list[int]], output_len: int, probe_
     return len(prompts) * output_len / wall, health
 
 
-def start_server(model: Path, engine_args: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "elas_serve.cli", "serve", "--model", str(model), "--port",
-                             str(port), "--served-model-name", "bench", *engine_args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not start")
-
-
 def markdown(data: dict, before: dict | None) -> str:
     env = data["environment"]
     lines = [f"# HTTP serving vs offline generation ({data['label']}, {env['device']})", "",
@@ -164,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     # NOTE: the server (its own processes, idle meanwhile) and the offline engine are both up, and
     # each round runs offline then over HTTP: paired rounds see the same machine (this VM's speed
     # drifts by tens of percent from minute to minute)
-    proc, url = start_server(args.model, engine_args)
-    try:
+    with serve(["--model", str(args.model), "--served-model-name", "bench", *engine_args],
+               Path(tempfile.mkdtemp()) / "server.log") as server:
+        url = server.url
         llm = LLM(model=args.model, max_num_seqs=max(levels))
         llm.generate(rounds[levels[0]][0], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
         asyncio.run(http_round(url, rounds[levels[0]][0][:1], 4, False))
@@ -176,9 +154,6 @@ def main(argv: list[str] | None = None) -> int:
                 http[c].append(tok_s)
                 health += h
                 bar.update(2)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
     bar.close()
     results = [{"concurrency": c, "offline_tok_s": statistics.median(offline[c]),
                 "http_tok_s": statistics.median(http[c]),

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import signal
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, environment, write_results  # noqa: E402
+from common import DOCS, environment, serve, write_results  # noqa: E402
 
 WORDS = ("careful helpful assistant answers questions about the novels of Jane Austen with quotations and dates "
          "and never invents a character").split()
@@ -56,29 +54,6 @@ async def run_load(url: str, prompts: list[str], concurrency: int, max_tokens: i
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         return await asyncio.gather(*(one(client, p) for p in prompts))
-
-
-def start(args: argparse.Namespace, routing: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "elas_serve.cli", "serve", "--served-model-name", "bench", "--port", str(port),
-           "--replicas", str(args.replicas), "--routing", routing, "--replica-cpus", str(args.replica_cpus),
-           "--disable-log-requests", *(["--model", args.model] if args.model else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 def markdown(data: dict) -> str:
@@ -111,14 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts = workload(args.systems, args.questions, args.system_words, args.seed)
     results = []
     for routing in ("prefix", "round_robin"):
-        proc, url = start(args, routing)
-        try:
+        server_args = ["--served-model-name", "bench", "--replicas", str(args.replicas), "--routing", routing,
+                       "--replica-cpus", str(args.replica_cpus), "--disable-log-requests",
+                       *(["--model", args.model] if args.model else [])]
+        with serve(server_args, Path(tempfile.mkdtemp()) / "server.log") as server:
             t0 = time.perf_counter()
-            usages = asyncio.run(run_load(url, prompts, args.concurrency, args.max_tokens))
+            usages = asyncio.run(run_load(server.url, prompts, args.concurrency, args.max_tokens))
             wall = time.perf_counter() - t0
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
         lat = np.array([u["latency_s"] for u in usages]) * 1e3
         hit = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages) / sum(u["prompt_tokens"] for u in usages)
         results.append({"routing": routing, "hit_rate": hit, "wall_s": wall,

@@ -57,3 +57,16 @@ def write_results(stem: str, data: dict[str, Any], markdown: str, out_dir: Path 
     path.write_text(json.dumps(data, indent=2) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown)
     return path
+
+
+def serve(args: list[str], log_path: Path, timeout: float = 600.0):
+    """`elas-serve serve ARGS` on a free loopback port, for a `with` block (ready once /health is
+    200; SIGTERM on exit); the object has `.url`, `.proc` and the log at `log_path`."""
+    import sys
+
+    from elas_serve.clients.process import ManagedProcess, free_port
+    port = free_port()
+    server = ManagedProcess([sys.executable, "-m", "elas_serve.cli", "serve", "--port", str(port), *args],
+                            f"http://127.0.0.1:{port}/health", log_path, timeout)
+    server.url = f"http://127.0.0.1:{port}"
+    return server

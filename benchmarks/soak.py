@@ -20,9 +20,8 @@ import argparse
 import asyncio
 import json
 import random
-import signal
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, environment, write_results  # noqa: E402
+from common import DOCS, environment, serve, write_results  # noqa: E402
 
 WORDS = ("It is a truth universally acknowledged that a single man in possession of a good fortune must "
          "be in want of a wife Emma Woodhouse handsome clever and rich").split()
@@ -204,28 +203,6 @@ def plot(data: dict, path: Path) -> bool:
     return True
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "elas_serve.cli", "serve", "--port", str(port),
-           "--served-model-name", args.served_model_name, *(["--model", args.model] if args.model else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not start in 120 s")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default: 600)")
@@ -238,13 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DOCS, help="result directory (default: docs/benchmarks)")
     args = p.parse_args(argv)
-    proc, url = (None, args.url) if args.url else start_server(args)
-    try:
-        windows = asyncio.run(soak(url, proc.pid if proc else None, args))
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+    if args.url:
+        windows = asyncio.run(soak(args.url, None, args))
+    else:
+        server_args = ["--served-model-name", args.served_model_name, *(["--model", args.model] if args.model else [])]
+        with serve(server_args, Path(tempfile.mkdtemp()) / "server.log") as server:
+            windows = asyncio.run(soak(server.url, server.proc.pid, args))
     import torch
     data = {"command": "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "environment": environment(torch.device("cpu")), "duration_s": args.duration,

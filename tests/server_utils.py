@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from elas_serve.clients.process import free_port
 from elas_serve.config import EngineConfig, ServerConfig
 from elas_serve.engine.core import EngineCore
 from elas_serve.frontend import AsyncLLM
@@ -89,12 +90,6 @@ def parse_metrics(text: str) -> dict[str, float]:
             if m:
                 samples[m.group(1)] = float(m.group(2))
     return samples
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(ckpt, *args, name: str = "m", timeout: float = 60) -> tuple[subprocess.Popen, str]:
