@@ -324,3 +324,21 @@ def test_binding_beyond_loopback_without_a_key_warns(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0 and "without an API key" in out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, capsys, value, tokenizer_file):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from authors_ckpt import Variant, write_checkpoint
+    write_checkpoint(tmp_path, Variant("nan"))
+    shutil.copy(tokenizer_file, tmp_path / "tokenizer.json")
+    weights = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight_in"
+    weights[name][3, 2] = value
+    save_file(weights, tmp_path / "model.safetensors")
+    assert cli_main(["serve", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "non-finite" in err and "Traceback" not in err
