@@ -56,16 +56,18 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, only: tuple[str
     for f in fields(cls):
         if only is not None and f.name not in only:
             continue
-        meta, default = dict(f.metadata), (None if f.default is MISSING else f.default)
+        meta = dict(f.metadata)
+        default = f.default_factory() if f.default_factory is not MISSING else (
+            None if f.default is MISSING else f.default)  # NOTE: a factory reads the field's $env
         flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
-        help_text, env = meta.pop("help", None), meta.pop("env", None)
-        if env:
-            default = os.environ.get(env, default)
+        help_text = meta.pop("help", None)
+        meta.pop("env", None)
+        declared = meta.pop("declared", default)  # what the flag turns on or off is the declared default's
         if meta.pop("byte_size", False):
             meta["type"] = byte_size
         if isinstance(default, bool):
-            action = "store_false" if default else "store_true"
-            if default:  # NOTE: a flag that turns a default-on feature off says so
+            action = "store_false" if declared else "store_true"
+            if declared:  # NOTE: a flag that turns a default-on feature off says so
                 help_text = f"turn off: {help_text}"
             parser.add_argument(flag, dest=f.name, action=action, default=default, help=help_text)
             continue

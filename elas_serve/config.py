@@ -11,6 +11,7 @@ resolved by the engine core once the model is loaded.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,21 @@ def parse_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    """A config field whose metadata says how its command-line flag reads."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+def env_default(env: str, default: Any) -> Any:
+    """`$env` when set (read as a boolean when `default` is one), else `default`."""
+    raw = os.environ.get(env)
+    if raw is None:
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on") if isinstance(default, bool) else raw
+
+
+def opt(default: Any, help: str, env: str | None = None, **argparse_kwargs: Any) -> Any:
+    """A config field whose metadata says how its command-line flag reads; with `env`, the
+    environment variable that overrides the default (for the CLI and the Python API alike)."""
+    metadata = {"help": help, **argparse_kwargs}
+    if env is None:
+        return field(default=default, metadata=metadata)
+    return field(default_factory=lambda: env_default(env, default), metadata={**metadata, "env": env, "declared": default})
 
 
 @dataclass(slots=True)
@@ -55,7 +68,8 @@ class EngineConfig:
     gpu_memory_utilization: float = opt(0.9, "share of GPU memory the server may use (KV cache sizing)")
     enable_prefix_caching: bool = opt(True, "reuse the KV blocks of shared prompt prefixes",
                                       flag="--no-prefix-caching")
-    enforce_eager: bool = opt(False, "no torch.compile and no CUDA graphs")
+    enforce_eager: bool = opt(False, "no torch.compile and no CUDA graphs (docs/engine.md; default: "
+                                     "$ELAS_SERVE_ENFORCE_EAGER, else off)", env="ELAS_SERVE_ENFORCE_EAGER")
     seed: int = opt(0, "seeds the sampling of requests without their own seed")
     cpu_threads: int | None = opt(None, "torch threads on CPU (default: all cores but one)")
 

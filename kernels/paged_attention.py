@@ -10,6 +10,8 @@ causally to every cached token up to it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -38,39 +40,77 @@ def _gather(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tens
     return k.flatten(0, 1), v.flatten(0, 1)
 
 
-def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous (num_tokens, Hkv, D) keys and values of one sequence."""
-    block_size = kv_cache.shape[2]
-    k, v = _gather(kv_cache, block_table[:(num_tokens + block_size - 1) // block_size])
-    return k[:num_tokens], v[:num_tokens]
+@dataclass(slots=True)
+class AttentionPlan:
+    """What `paged_attention_ref` needs of a step's metadata, computed once per step and shared by
+    every layer: the decode rows batched into one padded SDPA call (their flat block ids and length
+    mask), and the other sequences' (first row, query length, seq length, block ids)."""
+
+    decode_rows: torch.Tensor | None     # (Bd,) query rows of one-query sequences; None: every row
+    decode_blocks: torch.Tensor | None   # (Bd * W,) int64 block ids, W of the longest of them
+    decode_mask: torch.Tensor | None     # (Bd, 1, 1, W * block_size) bool: position < seq_len
+    prefills: list[tuple[int, int, int, torch.Tensor]]
+
+    @classmethod
+    def build(cls, block_tables: torch.Tensor, query_lens: list[int], seq_lens: list[int],
+              block_size: int) -> "AttentionPlan":
+        device = block_tables.device
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        decode = [i for i, n in enumerate(query_lens) if n == 1]
+        rows = blocks = mask = None
+        if decode:
+            lens = [seq_lens[i] for i in decode]
+            width = -(-max(lens) // block_size)  # blocks needed by the longest sequence
+            all_decode = len(decode) == len(query_lens)
+            rows = None if all_decode else torch.tensor([starts[i] for i in decode], device=device)
+            table = block_tables[:, :width] if all_decode else block_tables[decode, :width]
+            blocks = table.flatten().long()
+            positions = torch.arange(width * block_size, device=device)
+            mask = (positions[None, :] < torch.tensor(lens, device=device)[:, None])[:, None, None, :]
+        prefills = [(starts[i], n, s, block_tables[i, :-(-s // block_size)].long())
+                    for i, (n, s) in enumerate(zip(query_lens, seq_lens)) if n > 1]
+        return cls(rows, blocks, mask, prefills)
 
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                        query_lens: list[int], seq_lens: list[int], scale: float) -> torch.Tensor:
+                        query_lens: list[int], seq_lens: list[int], scale: float,
+                        plan: AttentionPlan | None = None) -> torch.Tensor:
     """Causal attention of flattened queries (T, H, D) over the paged cache -> (T, H, D).
 
-    `query_lens`/`seq_lens` are host lists (one entry per sequence). Sequences with a single
-    query (decode) are batched into one padded SDPA call; the others run one by one.
+    `query_lens`/`seq_lens` are host lists (one entry per sequence); `plan` (built from them when
+    not given) is how a model step shares that work across layers. Sequences with a single query
+    (decode) are batched into one padded SDPA call; the others run one by one.
     """
+    if plan is None:
+        plan = AttentionPlan.build(block_tables, query_lens, seq_lens, kv_cache.shape[2])
     out = torch.empty_like(q)
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    decode = [i for i, n in enumerate(query_lens) if n == 1]
-    if decode:
-        rows = torch.tensor([starts[i] for i in decode], device=q.device)
-        lens = [seq_lens[i] for i in decode]
-        width = -(-max(lens) // kv_cache.shape[2])  # blocks needed by the longest sequence
-        out[rows] = decode_attention_ref(q[rows], kv_cache, block_tables[decode, :width],
-                                         torch.tensor(lens, device=q.device), scale)
-    for i, (n, s) in enumerate(zip(query_lens, seq_lens)):
-        if n == 1:
-            continue
-        k, v = _gather_kv(kv_cache, block_tables[i], s)
-        qi = q[starts[i]:starts[i] + n]
-        out[starts[i]:starts[i] + n] = causal_attention_ref(qi, k, v, scale)
+    if plan.decode_blocks is not None:
+        mask = plan.decode_mask
+        qd = q if plan.decode_rows is None else q[plan.decode_rows]
+        o = _masked_attention(qd, kv_cache, plan.decode_blocks, mask, scale)
+        if plan.decode_rows is None:
+            out = o
+        else:
+            out[plan.decode_rows] = o
+    for start, n, s, blocks in plan.prefills:
+        k, v = _gather(kv_cache, blocks)
+        out[start:start + n] = causal_attention_ref(q[start:start + n], k[:s], v[:s], scale)
     return out
+
+
+def _masked_attention(q: torch.Tensor, kv_cache: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q (B, H, D), one query per sequence, over the flat `blocks` (B * W,) under `mask` (B, 1, 1, W * bs)."""
+    batch = q.shape[0]
+    num_kv_heads, head_dim = kv_cache.shape[3:]
+    k, v = _gather(kv_cache, blocks)  # (B*W*bs, Hkv, D)
+    k = k.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, W*bs, D)
+    v = v.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[1] != num_kv_heads)  # (B, H, 1, D)
+    return o.squeeze(2)
 
 
 def decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -78,19 +118,11 @@ def decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     """One query per sequence: q (B, H, D) against its first `seq_lens[b]` cached tokens.
 
     Attends over the whole width of `block_tables` (B, W) with a length mask, so shapes depend
-    only on (B, W): no host syncs, safe to capture in a CUDA graph.
+    only on (B, W): no host syncs.
     """
-    batch, width = block_tables.shape
-    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-    k, v = _gather(kv_cache, block_tables.flatten())  # (B*W*bs, Hkv, D)
-    k = k.view(batch, width * block_size, num_kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, W*bs, D)
-    v = v.view(batch, width * block_size, num_kv_heads, head_dim).transpose(1, 2)
-    positions = torch.arange(width * block_size, device=q.device)
-    mask = positions[None, :] < seq_lens[:, None]  # (B, W*bs)
-    o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
-        enable_gqa=q.shape[1] != num_kv_heads)  # (B, H, 1, D)
-    return o.squeeze(2)
+    positions = torch.arange(block_tables.shape[1] * kv_cache.shape[2], device=q.device)
+    mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]  # (B, 1, 1, W*bs)
+    return _masked_attention(q, kv_cache, block_tables.flatten(), mask, scale)
 
 
 def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

@@ -1,20 +1,33 @@
-"""Self-attention of the ELAS/LLaMA decoder and the metadata that drives it.
+"""Self-attention of the ELAS/LLaMA decoder, the metadata that drives it, and the attention op.
 
-The attention layer knows no requests: it sees a flattened batch of tokens with explicit positions
-and an `AttentionMetadata` saying which rows belong to which sequence, where their keys/values go
-in the paged cache (`slot_mapping`) and where each sequence's earlier tokens are (`block_tables`).
-With no metadata it runs plain causal attention over the given rows (training and tests).
+The attention layer knows no requests: it sees a flattened batch of tokens with explicit positions.
+What says which rows belong to which sequence, where their keys/values go in the paged cache
+(`slot_mapping`) and where each sequence's earlier tokens are (`block_tables`) is the step's
+`AttentionMetadata`, set around a forward by `forward_context` (as vLLM's forward context) and
+read only inside the custom op `elas_serve::attention`. So the metadata never reaches compiled
+code: torch.compile sees an opaque op taking (q, k, v, kv_cache), and a new batch composition or
+sequence length never recompiles. Without a KV cache (training, tests) the layer runs plain causal
+attention over the given rows.
+
+Invariants: sequence i's query rows are the last `query_lens[i]` of its `seq_lens[i]` tokens; the
+op stores the new keys/values before it attends. On CUDA the op runs the Triton kernels (store +
+one paged-attention kernel for prefill and decode, device tensors only: CUDA-graph safe); on the
+CPU the PyTorch reference (`kernels/paged_attention.py`), which is also the tests' oracle.
+NOTE: the context is thread-local, so a background compile can warm up while another thread serves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elas_serve.kernels.paged_attention import decode_attention_ref, paged_attention_ref, store_kvcache_ref
+from elas_serve.kernels.paged_attention import AttentionPlan, paged_attention_ref, store_kvcache_ref
 
 from .config import ElasConfig
 from .layers import Projection, ProjSpec, apply_rotary
@@ -22,26 +35,83 @@ from .layers import Projection, ProjSpec, apply_rotary
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """Per-step batch description, built by the engine's model runner.
+    """Per-step batch description, built by the engine's model runner (all device tensors).
 
-    Invariant: sequence i's query rows are the last `query_lens[i]` of its `seq_lens[i]` tokens.
+    `query_lens_cpu` / `seq_lens_cpu` are host copies the CPU reference uses; None in CUDA graphs,
+    where lengths live only in the (static) tensors.
     """
 
-    slot_mapping: torch.Tensor  # (T,) int64 flat cache slot per new token (padding: null block)
-    block_tables: torch.Tensor  # (B, max_blocks) int32
-    query_lens: list[int]       # (B,) host ints; sum == T
-    seq_lens: list[int]         # (B,) host ints; context length after this step
-    # NOTE: set only for decode-only batches replayed in a CUDA graph: then attention reads
-    # lengths from this tensor over the full block-table width, and the host lists are unused.
-    seq_lens_tensor: torch.Tensor | None = None  # (B,) int
+    slot_mapping: torch.Tensor     # (T,) int64 flat cache slot per new token (padding: null block)
+    block_tables: torch.Tensor     # (B, max_blocks) int32
+    query_start_loc: torch.Tensor  # (B + 1,) int32: 0 and the cumulative query lengths
+    seq_lens: torch.Tensor         # (B,) int32 context length after this step
+    query_lens_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
+    cpu_plan: AttentionPlan | None = None  # the CPU reference's per-step work, made by the first layer
 
-    def __post_init__(self) -> None:
-        if len(self.query_lens) != len(self.seq_lens):
-            raise ValueError("query_lens and seq_lens differ in length")
-        if any(q < 1 or q > s for q, s in zip(self.query_lens, self.seq_lens)):
+    @classmethod
+    def from_lens(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, query_lens: list[int],
+                  seq_lens: list[int]) -> "AttentionMetadata":
+        if len(query_lens) != len(seq_lens) or len(query_lens) != block_tables.shape[0]:
+            raise ValueError("query_lens, seq_lens and block_tables need one entry per sequence")
+        if any(q < 1 or q > s for q, s in zip(query_lens, seq_lens)):
             raise ValueError("need 1 <= query_len <= seq_len for every sequence")
-        if self.slot_mapping.shape[0] != sum(self.query_lens):
+        if slot_mapping.shape[0] != sum(query_lens):
             raise ValueError("slot_mapping has one entry per query token")
+        device = slot_mapping.device
+        starts = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return cls(slot_mapping, block_tables, starts.to(device),
+                   torch.tensor(seq_lens, dtype=torch.int32, device=device), list(query_lens), list(seq_lens))
+
+    def host_lens(self) -> tuple[list[int], list[int]]:
+        if self.query_lens_cpu is not None and self.seq_lens_cpu is not None:
+            return self.query_lens_cpu, self.seq_lens_cpu
+        starts = self.query_start_loc.tolist()
+        return [b - a for a, b in zip(starts, starts[1:])], self.seq_lens.tolist()
+
+
+_context = threading.local()
+
+
+@contextlib.contextmanager
+def forward_context(attn_metadata: AttentionMetadata) -> Iterator[None]:
+    """Make `attn_metadata` the one the attention op reads during this thread's forward."""
+    previous = getattr(_context, "attn_metadata", None)
+    _context.attn_metadata = attn_metadata
+    try:
+        yield
+    finally:
+        _context.attn_metadata = previous
+
+
+def current_metadata() -> AttentionMetadata:
+    meta = getattr(_context, "attn_metadata", None)
+    if meta is None:
+        raise RuntimeError("paged attention ran outside a forward_context (no AttentionMetadata set)")
+    return meta
+
+
+@torch.library.custom_op("elas_serve::attention", mutates_args=("kv_cache",))
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Store k, v (T, Hkv, D) at the context's slots, then attend q (T, H, D) -> (T, H, D)."""
+    meta = current_metadata()
+    if q.is_cuda:
+        from elas_serve.kernels.kv_cache_store import store_kvcache
+        from elas_serve.kernels.paged_attention_triton import paged_attention
+
+        store_kvcache(k, v, kv_cache, meta.slot_mapping)
+        return paged_attention(q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale)
+    store_kvcache_ref(k, v, kv_cache, meta.slot_mapping)
+    query_lens, seq_lens = meta.host_lens()
+    if meta.cpu_plan is None:
+        meta.cpu_plan = AttentionPlan.build(meta.block_tables, query_lens, seq_lens, kv_cache.shape[2])
+    return paged_attention_ref(q, kv_cache, meta.block_tables, query_lens, seq_lens, scale, meta.cpu_plan)
+
+
+@attention_op.register_fake
+def _(q, k, v, kv_cache, scale):
+    return torch.empty_like(q)
 
 
 class Attention(nn.Module):
@@ -58,23 +128,15 @@ class Attention(nn.Module):
         self.o_proj = Projection(self.num_heads * self.head_dim, h, specs["o_proj"])
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-                attn_metadata: AttentionMetadata | None = None,
                 kv_cache: torch.Tensor | None = None) -> torch.Tensor:
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # (..., H, D)
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (..., Hkv, D)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if attn_metadata is None:
+        if kv_cache is None:
             o = self._causal(q, k, v)
-        else:
-            assert kv_cache is not None, "attention metadata needs a KV cache"
-            store_kvcache_ref(k, v, kv_cache, attn_metadata.slot_mapping)
-            if attn_metadata.seq_lens_tensor is not None:
-                o = decode_attention_ref(q, kv_cache, attn_metadata.block_tables,
-                                         attn_metadata.seq_lens_tensor, self.scale)
-            else:
-                o = paged_attention_ref(q, kv_cache, attn_metadata.block_tables,
-                                        attn_metadata.query_lens, attn_metadata.seq_lens, self.scale)
+        else:  # (T, H, D): one flattened batch, described by the forward context
+            o = torch.ops.elas_serve.attention(q, k, v, kv_cache, self.scale)
         return self.o_proj(o.flatten(-2))
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

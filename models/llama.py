@@ -17,7 +17,7 @@ from torch import nn
 
 from elas_serve.kernels.ffn import FFN_BACKENDS
 
-from .attention import Attention, AttentionMetadata
+from .attention import Attention, AttentionMetadata, forward_context
 from .config import ElasConfig
 from .layers import ProjSpec, RMSNorm, RotaryEmbedding
 from .mlp import ElasMLP, SwiGLUMLP
@@ -50,9 +50,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-                attn_metadata: AttentionMetadata | None, kv_cache: torch.Tensor | None
-                ) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), attn_metadata, kv_cache)
+                kv_cache: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -64,6 +63,16 @@ class ElasModel(nn.Module):
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The decoder stack: what the engine compiles. With `kv_caches`, the caller has set a
+        `forward_context` describing the flattened batch."""
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions)  # cos, sin: (..., 1, D) float32
+        for i, layer in enumerate(self.layers):
+            x = layer(rope, x, None if kv_caches is None else kv_caches[i])
+        return self.norm(x)
 
 
 class ElasForCausalLM(nn.Module):
@@ -90,11 +99,10 @@ class ElasForCausalLM(nn.Module):
         With `attn_metadata`, the ids are one flattened batch (T,) and `kv_caches[i]` is layer
         i's paged cache; without, each leading row is one whole sequence, attended causally.
         """
-        x = self.model.embed_tokens(input_ids)
-        rope = self.model.rotary_emb(positions)  # cos, sin: (..., 1, D) float32
-        for i, layer in enumerate(self.model.layers):
-            x = layer(rope, x, attn_metadata, None if kv_caches is None else kv_caches[i])
-        return self.model.norm(x)
+        if attn_metadata is None:
+            return self.model(input_ids, positions)
+        with forward_context(attn_metadata):
+            return self.model(input_ids, positions, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits (..., vocab) of final hidden states."""

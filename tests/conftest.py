@@ -1,7 +1,8 @@
 """Shared fixtures: a tokenizer trained in-process (hermetic) and checkpoint factories.
 
 Tests run on the CPU; Triton kernels run under the interpreter (TRITON_INTERPRET=1 is set here,
-before anything imports triton). Tests marked `gpu` are skipped without CUDA.
+before anything imports triton). Engines run eagerly ($ELAS_SERVE_ENFORCE_EAGER=1) unless a test
+passes `enforce_eager=False`. Tests marked `gpu` are skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# NOTE: engines (and the servers tests spawn, which inherit this) run eagerly unless a test asks for
+# compilation: a background compile per engine would hold both cores for tens of seconds each.
+os.environ.setdefault("ELAS_SERVE_ENFORCE_EAGER", "1")
 
 from pathlib import Path
 

@@ -354,18 +354,19 @@ def test_a_failed_step_fails_its_requests_and_repeated_failures_kill_the_engine(
 
 
 def test_graph_decode_path_equals_eager(ckpt, model):
-    """The CUDA-graph decode path (static padded buffers, null-block padding, length-masked
-    attention over the full block table), run eagerly on CPU, changes no token."""
+    """The CUDA-graph decode path (static padded buffers and metadata, null-block padding, stale
+    block-table columns past each sequence's blocks), run without capture on CPU, changes no token."""
     from elas_serve.engine.cuda_graph import CUDAGraphRunner
 
     prompts = prompts_of([3, 17, 9, 25, 6])
     eager = run(make_engine(ckpt, model, block_size=4, max_model_len=64), prompts, GREEDY)
     engine = make_engine(ckpt, model, block_size=4, max_model_len=64, max_num_seqs=8)
     runner = engine.runner
-    runner.graphs = CUDAGraphRunner(model, runner.kv_caches, 8, runner.max_blocks_per_seq, capture=False)
+    runner.graphs = CUDAGraphRunner(runner.decoder, model.config.hidden_size, runner.dtype, 8,
+                                    runner.max_blocks_per_seq, capture=False)
     assert runner.graphs.sizes == [1, 2, 4, 8]
     calls = []
     graph_run = runner.graphs.run
-    runner.graphs.run = lambda *a: calls.append(len(a[-1])) or graph_run(*a)
+    runner.graphs.run = lambda ids, *a: calls.append(len(ids)) or graph_run(ids, *a)
     assert run(engine, prompts, GREEDY) == eager
     assert calls and set(calls) >= {5}  # decode steps went through the padded path (5 -> 8)

@@ -92,7 +92,7 @@ def _paged_metadata(query_lens, seq_lens, tables, block_size):
             slots.append(table[pos // block_size] * block_size + pos % block_size)
     width = max(len(t) for t in tables)
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    return AttentionMetadata(torch.tensor(slots), bt, list(query_lens), list(seq_lens))
+    return AttentionMetadata.from_lens(torch.tensor(slots), bt, list(query_lens), list(seq_lens))
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])

@@ -1,0 +1,114 @@
+"""How the runner calls the decoder: eagerly, or compiled by torch.compile (inductor).
+
+Owns `Decoder`: `decoder(input_ids, positions, kv_caches)` under a `forward_context` runs the
+decoder stack (`ElasModel.forward`) through the compiled code once it exists, else eagerly.
+- `--enforce-eager` (as in vLLM): never compiled, no CUDA graphs.
+- Otherwise the stack is compiled whole (`fullgraph=True`): attention is the opaque custom op
+  `elas_serve::attention`, which reads its batch description from the forward context, and the
+  FFN kernels are custom ops too, so the graph has no breaks and sees only (T,) ids and positions
+  and the caches. The token dimension is dynamic (marked on the warm-up inputs): one graph serves
+  every T >= 2 and, because torch specialises sizes 0 and 1, a second one T = 1. No batch composition or
+  sequence length ever recompiles. Both are compiled by warm-ups over the null block (block 0,
+  which no sequence owns).
+- Inductor's caches are on disk under `~/.cache/elas_serve/inductor` (unless
+  `$TORCHINDUCTOR_CACHE_DIR` says otherwise), so a second start reloads the compiled code.
+- On CUDA the warm-ups run at start-up, before the CUDA graphs are captured over the compiled code.
+  On the CPU they run on a background thread while the runner serves eagerly (a cold compile takes
+  tens of seconds on 2 cores; the server answers meanwhile), and the runner switches over between
+  two steps once both graphs exist. A failed compile is logged and the runner stays eager.
+NOTE: the eager and compiled paths compute the same function; inductor may reorder float sums, so
+logits can differ in the last bits (greedy outputs of the demo model are identical: tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from elas_serve.models import AttentionMetadata, ElasForCausalLM
+from elas_serve.models.attention import forward_context
+
+log = logging.getLogger("elas_serve.engine")
+INDUCTOR_CACHE_DIR = Path.home() / ".cache" / "elas_serve" / "inductor"
+# NOTE: at import: torch writes its own default into the environment the first time anything asks
+# for the cache directory (some start-up paths do, before any compile)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DIR))
+
+
+def configure_inductor() -> None:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    # NOTE: one compile thread: worker processes would compete with serving for the few CPU cores
+    inductor_config.compile_threads = 1
+
+
+def warmup_inputs(kv_caches: list[torch.Tensor], num_tokens: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """`num_tokens` one-token sequences at position 0, every one writing and reading slot 0 of the
+    null block: valid for any block size, harmless to any sequence."""
+    device = kv_caches[0].device
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    meta = AttentionMetadata.from_lens(torch.zeros(num_tokens, dtype=torch.long, device=device),
+                                       torch.zeros(num_tokens, 1, dtype=torch.int32, device=device),
+                                       [1] * num_tokens, [1] * num_tokens)
+    return ids, ids.clone(), meta
+
+
+class Decoder:
+    def __init__(self, model: ElasForCausalLM, kv_caches: list[torch.Tensor], enforce_eager: bool,
+                 background: bool):
+        self.eager: Callable[..., torch.Tensor] = model.model
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        self.compile_seconds: float | None = None
+        self.kv_caches = kv_caches
+        self.enforce_eager = enforce_eager
+        self._ready = threading.Event()
+        if enforce_eager:
+            return
+        configure_inductor()
+        # NOTE: only the token dimension is dynamic (marked in the warm-up); `dynamic=True` would
+        # also make the caches' sizes symbolic, and duck sizing then ties them to T by chance
+        self._fn = torch.compile(model.model, fullgraph=True, dynamic=False)
+        if background:
+            threading.Thread(target=self._compile, name="elas-compile", daemon=True).start()
+        else:
+            self._compile()
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._ready.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the compiled code is in use (True), the compile failed or `timeout` passed."""
+        return self._ready.wait(timeout)
+
+    @torch.inference_mode()
+    def _compile(self) -> None:
+        t0 = time.monotonic()
+        try:
+            for num_tokens in (2, 1):
+                ids, positions, meta = warmup_inputs(self.kv_caches, num_tokens)
+                if num_tokens > 1:
+                    torch._dynamo.mark_dynamic(ids, 0)
+                    torch._dynamo.mark_dynamic(positions, 0)
+                with forward_context(meta):
+                    self._fn(ids, positions, self.kv_caches)
+        except Exception:  # noqa: BLE001 (the eager path serves on)
+            log.exception("torch.compile of the decoder failed; serving eagerly")
+            return
+        self.compile_seconds = time.monotonic() - t0
+        self.compiled = self._fn
+        self._ready.set()
+        log.info("decoder compiled in %.1f s (inductor cache: %s)", self.compile_seconds,
+                 os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        fn = self.eager if eager or self.compiled is None else self.compiled
+        return fn(input_ids, positions, self.kv_caches)
