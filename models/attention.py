@@ -126,12 +126,61 @@ class Attention(nn.Module):
         self.k_proj = Projection(h, self.num_kv_heads * self.head_dim, specs["k_proj"])
         self.v_proj = Projection(h, self.num_kv_heads * self.head_dim, specs["v_proj"])
         self.o_proj = Projection(self.num_heads * self.head_dim, h, specs["o_proj"])
+        self.qkv_weight: torch.Tensor | None = None  # set by `fuse_qkv`
+        self.kv_weight_out: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """For serving: q, k and v share their input, so their (first) factors become one GEMM.
+
+        Dense: one (Hq*D + 2*Hkv*D, hidden) weight. Low-rank: the first factors side by side,
+        (hidden, rq + rk + rv), and the k and v second factors stacked (2, Hkv*D, r) for one batched
+        GEMM when their ranks agree. NOTE: the projections' parameters become views into the fused
+        tensors (no second copy of the weights); biases stay per projection.
+        """
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        ranks = {p.spec.rank for p in projs}
+        if self.qkv_weight is not None or len(ranks) != 1 and None in ranks:
+            return  # fused already, or dense and low-rank mixed: left as three projections
+        if None in ranks:
+            fused = torch.cat([p.weight for p in projs])
+            for p, w in zip(projs, fused.split([p.out_features for p in projs])):
+                p.weight = nn.Parameter(w, requires_grad=False)
+        else:
+            fused = torch.cat([p.weight_in for p in projs], dim=1)
+            for p, w in zip(projs, fused.split([p.spec.rank for p in projs], dim=1)):
+                p.weight_in = nn.Parameter(w, requires_grad=False)
+            if self.k_proj.spec.rank == self.v_proj.spec.rank:
+                self.kv_weight_out = torch.stack([self.k_proj.weight_out, self.v_proj.weight_out])
+                self.k_proj.weight_out = nn.Parameter(self.kv_weight_out[0], requires_grad=False)
+                self.v_proj.weight_out = nn.Parameter(self.kv_weight_out[1], requires_grad=False)
+        self.qkv_weight = fused
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv_weight is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_proj.spec.rank is None:  # dense: (..., Hq*D + 2*Hkv*D)
+            q, k, v = F.linear(x, self.qkv_weight).split([p.out_features for p in projs], dim=-1)
+        else:
+            aq, ak, av = (x @ self.qkv_weight).split([p.spec.rank for p in projs], dim=-1)  # (..., r) each
+            q = F.linear(aq, self.q_proj.weight_out)
+            if self.kv_weight_out is None:
+                k, v = F.linear(ak, self.k_proj.weight_out), F.linear(av, self.v_proj.weight_out)
+            else:  # (2, T, r) @ (2, r, Hkv*D) in one batched GEMM
+                akv = torch.stack([ak.reshape(-1, ak.shape[-1]), av.reshape(-1, av.shape[-1])])
+                k, v = torch.bmm(akv, self.kv_weight_out.transpose(1, 2)).unflatten(1, x.shape[:-1])
+        biases = [p.bias for p in projs]
+        if any(b is not None for b in biases):
+            q, k, v = (t if b is None else t + b for t, b in zip((q, k, v), biases))
+        return q, k, v
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
                 kv_cache: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # (..., H, D)
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (..., Hkv, D)
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k, v = self._qkv(x)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (..., H, D)
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # (..., Hkv, D)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is None:
             o = self._causal(q, k, v)

@@ -108,6 +108,11 @@ class ElasForCausalLM(nn.Module):
         """Float32 logits (..., vocab) of final hidden states."""
         return F.linear(hidden, self.output_weight).float()
 
+    def fuse_qkv(self) -> None:
+        """Serving only (parameters become views of fused tensors): see `Attention.fuse_qkv`."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_qkv()
+
     def set_ffn_backend(self, backend: str | list[tuple[int, str]]) -> None:
         """Route every ELAS FFN through a backend of `kernels.ffn.FFN_BACKENDS`, or through a table
         `[(max_tokens, name), ...]` choosing one by the number of tokens of each call."""

@@ -44,7 +44,11 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DIR))
 def configure_inductor() -> None:
     import torch._inductor.config as inductor_config
 
+    import torch._dynamo.config as dynamo_config
+
     inductor_config.fx_graph_cache = True
+    # NOTE: one graph per FFN-backend bucket (the backend is chosen by T in Python), plus T = 1
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     # NOTE: one compile thread: worker processes would compete with serving for the few CPU cores
     inductor_config.compile_threads = 1
 
@@ -63,14 +67,16 @@ def warmup_inputs(kv_caches: list[torch.Tensor], num_tokens: int
 
 class Decoder:
     def __init__(self, model: ElasForCausalLM, kv_caches: list[torch.Tensor], enforce_eager: bool,
-                 background: bool):
+                 background: bool, warmup_sizes: tuple[int, ...] = (2, 1)):
         self.eager: Callable[..., torch.Tensor] = model.model
         self.compiled: Callable[..., torch.Tensor] | None = None
         self.compile_seconds: float | None = None
         self.kv_caches = kv_caches
         self.enforce_eager = enforce_eager
-        self._ready = threading.Event()
+        self.warmup_sizes = warmup_sizes
+        self._done = threading.Event()
         if enforce_eager:
+            self._done.set()
             return
         configure_inductor()
         # NOTE: only the token dimension is dynamic (marked in the warm-up); `dynamic=True` would
@@ -83,17 +89,18 @@ class Decoder:
 
     @property
     def is_compiled(self) -> bool:
-        return self._ready.is_set()
+        return self.compiled is not None
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the compiled code is in use (True), the compile failed or `timeout` passed."""
-        return self._ready.wait(timeout)
+        """Block until the compile ended or `timeout` passed; whether the compiled code is in use."""
+        self._done.wait(timeout)
+        return self.is_compiled
 
     @torch.inference_mode()
     def _compile(self) -> None:
         t0 = time.monotonic()
         try:
-            for num_tokens in (2, 1):
+            for num_tokens in self.warmup_sizes:
                 ids, positions, meta = warmup_inputs(self.kv_caches, num_tokens)
                 if num_tokens > 1:
                     torch._dynamo.mark_dynamic(ids, 0)
@@ -103,12 +110,21 @@ class Decoder:
         except Exception:  # noqa: BLE001 (the eager path serves on)
             log.exception("torch.compile of the decoder failed; serving eagerly")
             return
+        finally:
+            self._done.set()
         self.compile_seconds = time.monotonic() - t0
         self.compiled = self._fn
-        self._ready.set()
         log.info("decoder compiled in %.1f s (inductor cache: %s)", self.compile_seconds,
                  os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, eager: bool = False) -> torch.Tensor:
-        fn = self.eager if eager or self.compiled is None else self.compiled
-        return fn(input_ids, positions, self.kv_caches)
+        if eager or self.compiled is None:
+            return self.eager(input_ids, positions, self.kv_caches)
+        try:
+            return self.compiled(input_ids, positions, self.kv_caches)
+        except Exception:  # noqa: BLE001
+            # NOTE: a compiler failure (e.g. a recompile past the limit) must not fail requests: serve
+            # eagerly from now on. Rerunning is safe: the attention op rewrites the same keys/values.
+            log.exception("the compiled decoder failed at T=%d; serving eagerly from now on", input_ids.shape[0])
+            self.compiled = None
+            return self.eager(input_ids, positions, self.kv_caches)

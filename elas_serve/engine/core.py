@@ -37,13 +37,15 @@ log = logging.getLogger("elas_serve.engine")
 class EngineCore:
     def __init__(self, model: ElasForCausalLM, config: EngineConfig):
         self.model, self.config = model, config
+        model.fuse_qkv()
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.ffn_backend = self._select_ffn_backend(config.ffn_backend)
         num_blocks = self._num_kv_blocks()
         block_manager = BlockManager(num_blocks + 1, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks + 1, config.block_size, self.max_model_len,
-                                  config.max_num_seqs, config.seed, config.enforce_eager)
+                                  config.max_num_seqs, config.seed, config.enforce_eager,
+                                  config.max_num_batched_tokens)
         self.num_consecutive_failed_steps = 0
         weight = model.output_weight
         self.model_info = ModelInfo(

@@ -54,7 +54,7 @@ def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.
 
 class ModelRunner:
     def __init__(self, model: ElasForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_seqs: int, seed: int = 0, enforce_eager: bool = True):
+                 max_num_seqs: int, seed: int = 0, enforce_eager: bool = True, max_num_batched_tokens: int = 2048):
         cfg = model.config
         self.model = model
         self.device = model.output_weight.device
@@ -68,7 +68,11 @@ class ModelRunner:
         self.mlps = [m for m in model.modules() if isinstance(m, ElasMLP)]
         self.last_density_time = -float("inf")
         on_cuda = self.device.type == "cuda"
-        self.decoder = Decoder(model, self.kv_caches, enforce_eager, background=not on_cuda)
+        # one warm-up per graph: T = 1, and the smallest T >= 2 of each FFN-backend bucket (lo, hi]
+        bounds = sorted({min(n, max_num_batched_tokens) for m in self.mlps for n, _ in m.ffn_table} | {1})
+        sizes = tuple(max(2, lo + 1) for lo, hi in zip(bounds, bounds[1:]) if hi >= max(2, lo + 1)) or (2,)
+        sizes += (1,)
+        self.decoder = Decoder(model, self.kv_caches, enforce_eager, background=not on_cuda, warmup_sizes=sizes)
         self.graphs = None
         if on_cuda and not enforce_eager:
             self.graphs = CUDAGraphRunner(self.decoder, cfg.hidden_size, self.dtype, max_num_seqs,
