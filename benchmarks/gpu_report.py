@@ -45,7 +45,8 @@ def _e2e_rows(e2e: dict) -> list[str]:
 def _step_rows(step: dict) -> list[str]:
     out = []
     for r in step.get("floor", []):
-        out.append(f"| step {r.get('model', '')} batch 1, graphs {'on' if r.get('cuda_graphs') else 'off'}: "
+        mode = "compiled + CUDA graphs" if r.get("cuda_graphs") else ("compiled" if r.get("compiled") else "eager")
+        out.append(f"| step {r.get('model', '')} batch 1, {mode}: "
                    f"decode step / weight-bytes floor | {r['over_floor']:.2f}x |")
     return out
 
