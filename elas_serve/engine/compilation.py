@@ -42,9 +42,8 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DIR))
 
 
 def configure_inductor() -> None:
-    import torch._inductor.config as inductor_config
-
     import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
     # NOTE: one graph per FFN-backend bucket (the backend is chosen by T in Python), plus T = 1
