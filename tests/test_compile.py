@@ -122,3 +122,35 @@ def test_cpu_kv_cache_costs_no_memory_until_written(ckpt):
     assert sum(c.numel() * c.element_size() for c in caches) > 500 << 20
     assert _rss_bytes() - before < 64 << 20  # NOTE: torch.zeros would have made all 512 MiB resident
     assert all(torch.count_nonzero(c[:, :4]) == 0 for c in caches)  # reads as zeros
+
+
+def test_runner_metadata_drives_the_triton_kernels_as_the_reference(ckpt):
+    """What CUDA runs inside the attention op (Triton store + paged attention, here under the
+    interpreter) equals the CPU reference on the runner's own metadata of a mixed step: chunked
+    prefills, decodes, several blocks per sequence."""
+    from elas_serve.kernels.kv_cache_store import store_kvcache
+    from elas_serve.kernels.paged_attention import paged_attention_ref, store_kvcache_ref
+    from elas_serve.kernels.paged_attention_triton import paged_attention
+
+    core = make_core(ckpt, enforce_eager=True)
+    for i, p in enumerate(prompts(4, seed=3)):
+        core.add_request(EngineCoreRequest(f"m{i}", p, GREEDY, GREEDY.max_tokens, [], time.monotonic()))
+    core.step()
+    core.add_request(EngineCoreRequest("late", prompts(1, seed=4)[0] * 2, GREEDY, GREEDY.max_tokens, [], time.monotonic()))
+    sched = core.scheduler.schedule()
+    assert {n for _, n in sched.scheduled} - {1}, "a prefill chunk in the step"
+    _, _, meta = core.runner.prepare_inputs(sched)
+    cfg = core.model.config
+    g = torch.Generator().manual_seed(0)
+    num_tokens = meta.slot_mapping.shape[0]
+    q = torch.randn(num_tokens, cfg.num_attention_heads, cfg.head_dim, generator=g)
+    k, v = (torch.randn(num_tokens, cfg.num_key_value_heads, cfg.head_dim, generator=g) for _ in range(2))
+    cache = torch.randn(core.runner.kv_caches[0].shape, generator=g)
+    ref_cache = cache.clone()
+    store_kvcache(k, v, cache, meta.slot_mapping)
+    store_kvcache_ref(k, v, ref_cache, meta.slot_mapping)
+    assert torch.equal(cache, ref_cache)
+    scale = cfg.head_dim ** -0.5
+    got = paged_attention(q, cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale)
+    want = paged_attention_ref(q, ref_cache, meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu, scale)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
