@@ -112,7 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed)
     if params.max_tokens < 1:
         raise ValueError("--max-tokens must be at least 1")
-    llm = LLM(**{name: getattr(args, name) for name in MODEL_FIELDS})
+    # NOTE: eager: for one prompt a compile (tens of seconds on a CPU) never pays for itself
+    llm = LLM(**{name: getattr(args, name) for name in MODEL_FIELDS}, enforce_eager=True)
     sys.stdout.write(args.prompt)
     for _, out in llm.iter_outputs([args.prompt], [params]):
         sys.stdout.write(out.outputs[0].text)
