@@ -10,7 +10,8 @@ benchmarks/bench_e2e.py writes them), on one `EngineCore` with the compiled deco
   engine and KV cache (`runner.decoder.compiled` switched off for the eager rounds: exactly the
   `--enforce-eager` path); 128-token random prompts, prefilled first, then timed decode steps;
 - `host_ms`: per decode step, step time minus the decoder's forward (scheduling, input building,
-  sampling, output processing), at batch 1, 64 and 256 on the demo model;
+  sampling, output processing), at batch 1, 64 and 256 on the demo model, and minor page faults
+  per step (the allocator's churn);
 - `floor`: at batch 1, the decode step against the weight-bytes floor (bytes of all weights read
   once / measured copy bandwidth of this device), with and without CUDA graphs on CUDA;
 - `greedy_identical`: the demo model's greedy tokens compiled vs eager.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -145,17 +147,20 @@ def time_decode(core: EngineCore, batch: int, steps: int, compiled: bool, seed: 
         core.step()  # first decode step: warm
         timed = _TimedDecoder(decoder)
         core.runner.decoder = timed
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         for _ in range(steps):
             core.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     finally:
         core.runner.decoder, core.runner.graphs, decoder.compiled = decoder, graphs, saved
         core.abort_all()
     return {"step_ms": total / steps * 1e3, "forward_ms": timed.seconds / steps * 1e3,
-            "host_ms": (total - timed.seconds) / steps * 1e3, "decode_tok_s": batch * steps / total}
+            "host_ms": (total - timed.seconds) / steps * 1e3, "decode_tok_s": batch * steps / total,
+            "page_faults": faults / steps}
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -228,7 +233,7 @@ def summarize(row: dict) -> list[dict]:
     out = []
     for b in sorted({r["batch"] for r in row["decode"]}):
         med = {c: {k: statistics.median(r[k] for r in row["decode"] if r["batch"] == b and r["compiled"] == c)
-                   for k in ("decode_tok_s", "step_ms", "forward_ms", "host_ms")} for c in (True, False)}
+                   for k in ("decode_tok_s", "step_ms", "forward_ms", "host_ms", "page_faults")} for c in (True, False)}
         out.append({"batch": b, "compiled": med[True], "eager": med[False],
                     "speedup": med[True]["decode_tok_s"] / med[False]["decode_tok_s"],
                     "forward_speedup": med[False]["forward_ms"] / med[True]["forward_ms"]})
@@ -270,14 +275,14 @@ def markdown(data: dict) -> str:
                   "decoder's forward alone (eager ms / compiled ms); host = step - forward (scheduling, inputs, "
                   "logits, sampling, outputs).", "",
               "| model | batch | compiled tok/s | eager tok/s | speedup | forward speedup | forward ms (compiled) | "
-              "forward ms (eager) | host ms (compiled) | host ms (eager) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "forward ms (eager) | host ms (compiled) | host ms (eager) | page faults / step (compiled) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in data["models"]:
         for s in m["summary"]:
             c, e = s["compiled"], s["eager"]
             lines.append(f"| {m['model']} | {s['batch']} | {c['decode_tok_s']:.1f} | {e['decode_tok_s']:.1f} | "
                          f"{s['speedup']:.2f}x | {s['forward_speedup']:.2f}x | {c['forward_ms']:.2f} | "
-                         f"{e['forward_ms']:.2f} | {c['host_ms']:.2f} | {e['host_ms']:.2f} |")
+                         f"{e['forward_ms']:.2f} | {c['host_ms']:.2f} | {e['host_ms']:.2f} | {c['page_faults']:.0f} |")
     lines += ["", "Batch 1 against the weight-bytes floor (all weights read once at the measured copy bandwidth):", "",
               "| model | compiled | CUDA graphs | step ms | floor ms | over floor |", "|---|---|---|---:|---:|---:|"]
     for m in data["models"]:

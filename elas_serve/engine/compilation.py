@@ -64,6 +64,14 @@ def warmup_inputs(kv_caches: list[torch.Tensor], num_tokens: int
     return ids, ids.clone(), meta
 
 
+def warmup_sizes(bucket_bounds: list[float], max_num_batched_tokens: int) -> tuple[int, ...]:
+    """One token count per graph: the smallest T >= 2 of each FFN-backend bucket (lo, hi] (the
+    buckets' upper bounds given, capped at the budget), then T = 1."""
+    bounds = sorted({min(n, max_num_batched_tokens) for n in bucket_bounds} | {1})
+    sizes = tuple(int(max(2, lo + 1)) for lo, hi in zip(bounds, bounds[1:]) if hi >= max(2, lo + 1))
+    return (sizes or (2,)) + (1,)
+
+
 class Decoder:
     def __init__(self, model: ElasForCausalLM, kv_caches: list[torch.Tensor], enforce_eager: bool,
                  background: bool, warmup_sizes: tuple[int, ...] = (2, 1)):
@@ -89,6 +97,10 @@ class Decoder:
     @property
     def is_compiled(self) -> bool:
         return self.compiled is not None
+
+    @property
+    def compiling(self) -> bool:
+        return not self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the compile ended or `timeout` passed; whether the compiled code is in use."""

@@ -10,6 +10,7 @@ validated (`frontend/processor.py`), and stop strings are the front end's.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -29,9 +30,25 @@ from .model_runner import ModelRunner, kv_cache_block_bytes
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 CPU_KV_CACHE_BYTES = 2 << 30  # default KV cache cap on CPU
 MAX_CONSECUTIVE_FAILED_STEPS = 3
 log = logging.getLogger("elas_serve.engine")
+
+
+def keep_freed_memory() -> None:
+    """glibc: serve large allocations from the heap and keep what is freed (up to 1 GiB).
+
+    NOTE: by default glibc maps every allocation over ~128 KiB-32 MiB afresh and unmaps it on free,
+    so each of a CPU step's multi-MB temporaries costs a page fault per 4 KiB, every step (page
+    faults per step: `benchmarks/bench_step.py`). The price: the process's RSS does not shrink after a peak. No-op where there is no glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass
 
 
 class EngineCore:
@@ -61,6 +78,7 @@ class EngineCore:
             # NOTE: one core is left to the HTTP server and the tokenizer; a small model gains
             # little from more threads, and oversubscribed OpenMP threads spin (10x slower steps).
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+            keep_freed_memory()
         return cls(load_model(config.model, resolve_dtype(config.dtype, device), device), config)
 
     def _select_ffn_backend(self, name: str) -> str:

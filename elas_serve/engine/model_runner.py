@@ -27,7 +27,7 @@ from elas_serve.models.attention import forward_context
 from elas_serve.models.mlp import ElasMLP
 
 from .block_manager import NULL_BLOCK
-from .compilation import Decoder
+from .compilation import Decoder, warmup_sizes
 from .cuda_graph import CUDAGraphRunner
 from .request import Request
 from .sampler import SamplingRow, sample, token_logprobs
@@ -68,10 +68,7 @@ class ModelRunner:
         self.mlps = [m for m in model.modules() if isinstance(m, ElasMLP)]
         self.last_density_time = -float("inf")
         on_cuda = self.device.type == "cuda"
-        # one warm-up per graph: T = 1, and the smallest T >= 2 of each FFN-backend bucket (lo, hi]
-        bounds = sorted({min(n, max_num_batched_tokens) for m in self.mlps for n, _ in m.ffn_table} | {1})
-        sizes = tuple(max(2, lo + 1) for lo, hi in zip(bounds, bounds[1:]) if hi >= max(2, lo + 1)) or (2,)
-        sizes += (1,)
+        sizes = warmup_sizes([n for m in self.mlps for n, _ in m.ffn_table], max_num_batched_tokens)
         self.decoder = Decoder(model, self.kv_caches, enforce_eager, background=not on_cuda, warmup_sizes=sizes)
         self.graphs = None
         if on_cuda and not enforce_eager:
@@ -154,7 +151,7 @@ class ModelRunner:
         now = time.monotonic()
         if not self.mlps or now - self.last_density_time < DENSITY_INTERVAL_S:
             return None
-        if not self.decoder.is_compiled and not self.decoder.enforce_eager:
+        if self.decoder.compiling:
             return None  # NOTE: no hooks on the modules while a background compile traces them
         self.last_density_time = now
         return []
