@@ -7,7 +7,7 @@ full-rank SwiGLU LLaMA with the same hidden size, layers, heads, vocabulary and 
 engine generates the same greedy workload: B prompts of --input-len random token ids, exactly
 --output-len tokens each. Decode tok/s = B * (output_len - 1) / (T(output_len) - T(1)): the time
 of a 1-token run (prefill) is subtracted, for both engines alike. Both run in this process with
-the same torch threads. Writes docs/benchmarks/e2e_<device>_<preset>.{json,md}.
+the same torch threads, their timings interleaved (best of --repeats rounds: see `run`). Writes docs/benchmarks/e2e_<device>_<preset>.{json,md}.
 
 Run: python benchmarks/bench_e2e.py --preset 60m --batch 1,8,32 [--device cpu] [--threads 2]
 """
@@ -89,44 +89,55 @@ def decode_tok_s(batch: int, output_len: int, t_full: float, t_one: float) -> fl
 
 def run(preset: str, batches: list[int], input_len: int, output_len: int, device: str, dtype: str,
         backends: list[str], threads: int | None, repeats: int, with_hf: bool = True) -> dict:
-    """The whole comparison (also the GPU suite's end-to-end stage); returns the results dict."""
+    """The whole comparison (also the GPU suite's end-to-end stage); returns the results dict.
+
+    NOTE: every engine is built first and the timings interleave: for each batch, `repeats` rounds
+    each time every engine once (the full run, then the 1-token run), and each engine keeps its
+    best round. On a shared machine the load of other processes changes over minutes; timing the
+    engines one after the other let it bias their ratios (ELAS over transformers at batch 1: 1.22x,
+    then 0.93x in the next run, after a change that only made its mask faster), while a slowdown
+    only ever adds time, so the best of interleaved rounds compares them under like conditions.
+    """
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpts = write_checkpoints(preset, Path(tmp), input_len + output_len + 8)
-        engines = [("elas", b) for b in backends] + [("dense", "dense")]
-        bar = tqdm(total=len(engines) * len(batches) + (len(batches) if with_hf else 0), desc=f"e2e {preset}")
-        for model_name, backend in engines:
+        timers = []  # (row fields, timing function (prompts, output_len) -> seconds)
+        for model_name, backend in [("elas", b) for b in backends] + [("dense", "dense")]:
             llm = LLM(model=ckpts[model_name], device=device, dtype=dtype, ffn_backend=backend,
                       max_num_seqs=max(batches), max_model_len=input_len + output_len + 8, cpu_threads=threads,
                       num_kv_blocks=max(batches) * (-(-(input_len + output_len + 8) // 16)) + 1)
-            time_ours(llm, prompts_of(1, input_len, 0), 2, 1)  # warm-up
-            for b in batches:
-                prompts = prompts_of(b, input_len, b)
-                t_full = time_ours(llm, prompts, output_len, repeats)
-                t_one = time_ours(llm, prompts, 1, repeats)
-                rows.append({"engine": "elas-serve", "model": model_name, "ffn_backend": backend, "batch": b,
-                             "t_full_s": t_full, "t_one_s": t_one,
-                             "decode_tok_s": decode_tok_s(b, output_len, t_full, t_one)})
-                bar.update()
-            del llm
-            gc.collect()
+            timers.append(({"engine": "elas-serve", "model": model_name, "ffn_backend": backend},
+                           lambda p, n, llm=llm: time_ours(llm, p, n, 1)))
         if with_hf:
             from transformers import LlamaForCausalLM
             hf = LlamaForCausalLM.from_pretrained(ckpts["dense"], dtype=getattr(torch, dtype if dtype != "auto" else (
                 "bfloat16" if dev.type == "cuda" else "float32"))).to(dev).eval()
-            time_hf(hf, prompts_of(1, input_len, 0), 2, 1, dev)
-            for b in batches:
-                prompts = prompts_of(b, input_len, b)
-                t_full = time_hf(hf, prompts, output_len, repeats, dev)
-                t_one = time_hf(hf, prompts, 1, repeats, dev)
-                rows.append({"engine": "transformers", "model": "dense", "ffn_backend": None, "batch": b,
-                             "t_full_s": t_full, "t_one_s": t_one,
-                             "decode_tok_s": decode_tok_s(b, output_len, t_full, t_one)})
+            timers.append(({"engine": "transformers", "model": "dense", "ffn_backend": None},
+                           lambda p, n: time_hf(hf, p, n, 1, dev)))
+        for _, timer in timers:
+            timer(prompts_of(1, input_len, 0), 2)  # warm-up
+        bar = tqdm(total=len(batches) * repeats, desc=f"e2e {preset}")
+        by_batch = {}
+        for b in batches:
+            prompts = prompts_of(b, input_len, b)
+            times = [([], []) for _ in timers]  # (full runs, 1-token runs) per engine
+            for _ in range(repeats):
+                for (_, timer), (full, one) in zip(timers, times):
+                    full.append(timer(prompts, output_len))
+                    one.append(timer(prompts, 1))
                 bar.update()
+            by_batch[b] = times
         bar.close()
+        for i, (fields, _) in enumerate(timers):
+            for b in batches:
+                full, one = by_batch[b][i]
+                rows.append({**fields, "batch": b, "t_full_s": min(full), "t_one_s": min(one),
+                             "decode_tok_s": decode_tok_s(b, output_len, min(full), min(one))})
+        del timers
+        gc.collect()
     hf_rate = {r["batch"]: r["decode_tok_s"] for r in rows if r["engine"] == "transformers"}
     for r in rows:
         if r["batch"] in hf_rate:
@@ -139,7 +150,7 @@ def markdown(data: dict) -> str:
     env = data["environment"]
     lines = [f"# End to end: ELAS {data['preset']} vs a dense LLaMA of its shape ({env['device']})", "",
              f"Random weights, {data['input_len']} prompt + {data['output_len']} output tokens per sequence, greedy, "
-             f"{data['dtype']}, {data['threads']} torch threads, median of {data['repeats']}; decode tok/s excludes "
+             f"{data['dtype']}, {data['threads']} torch threads, best of {data['repeats']} rounds interleaving the engines; decode tok/s excludes "
              f"the prefill (a 1-token run's time is subtracted). torch {env['torch']}, commit {env['commit']}, "
              f"{env['date']}.", "",
              "| engine | model | FFN backend | batch | decode tok/s | / transformers (dense) |",
@@ -161,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backends", default=None, help="ELAS FFN backends (default: dense on CPU; every one on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: torch's)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", type=Path, default=DOCS)
     args = p.parse_args(argv)
