@@ -93,6 +93,8 @@ def sparse24_keep_mask(y: torch.Tensor) -> torch.Tensor:
 
 def sparse24_ref(y: torch.Tensor) -> torch.Tensor:
     """`y` with the 2 smallest-magnitude entries of every group of 4 set to zero."""
+    if y.requires_grad and torch.is_grad_enabled():  # differentiable: the mask's gradient
+        return torch.where(sparse24_keep_mask(y), y, torch.zeros((), dtype=y.dtype, device=y.device))
     y4, body = _groups(y)
     out = torch.empty_like(y) if body == y.shape[-1] else y.clone()  # the tail is y's
     _masked_into(y4, _top2_of_4(y4.abs()), _groups(out)[0])
@@ -113,7 +115,9 @@ def sparse24_(y: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
 def relu2_sparse24_ref(h: torch.Tensor, two_by_four: bool = True) -> torch.Tensor:
     """`sparse24(relu(h) ** 2)` (or just `relu(h) ** 2`), in the dtype of `h`."""
     y = torch.relu(h).square()
-    return sparse24_(y, nonnegative=True) if two_by_four else y
+    if not two_by_four:
+        return y
+    return sparse24_ref(y) if y.requires_grad and torch.is_grad_enabled() else sparse24_(y, nonnegative=True)
 
 
 def relu2_sparse24_(h: torch.Tensor, two_by_four: bool = True) -> torch.Tensor:

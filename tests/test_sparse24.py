@@ -107,3 +107,14 @@ def test_relu2_sparse24_in_place_is_the_reference(dtype, two_by_four):
     got = h.clone()
     assert relu2_sparse24_(got, two_by_four) is got
     assert torch.equal(got.view(bits), ref.view(bits))
+
+
+def test_references_stay_differentiable():
+    """With autograd on, the references' gradient is the mask's (zero where dropped), as before."""
+    h = torch.randn(6, 20, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    relu2_sparse24_ref(h).sum().backward()
+    keep = sparse24_keep_mask(torch.relu(h).square()).detach()
+    assert torch.equal(h.grad, torch.where(keep, 2 * torch.relu(h), 0.0).detach())
+    y = torch.randn(6, 20, requires_grad=True)
+    sparse24_ref(y).sum().backward()
+    assert torch.equal(y.grad, sparse24_keep_mask(y).float())
