@@ -7,9 +7,10 @@ full-rank SwiGLU LLaMA with the same hidden size, layers, heads, vocabulary and 
 engine generates the same greedy workload: B prompts of --input-len random token ids, exactly
 --output-len tokens each. Decode tok/s = B * (output_len - 1) / (T(output_len) - T(1)): the time
 of a 1-token run (prefill) is subtracted, for both engines alike. Both run in this process with
-the same torch threads, their timings interleaved (best of --repeats rounds: see `run`). Writes docs/benchmarks/e2e_<device>_<preset>.{json,md}.
+the same torch threads, their timings interleaved (best of --repeats rounds: see `run`).
+Writes docs/benchmarks/e2e_<device>_<preset>.{json,md}.
 
-Run: python benchmarks/bench_e2e.py --preset 60m --batch 1,8,32 [--device cpu] [--threads 2]
+Run: python benchmarks/bench_e2e.py --preset 60m --batch 1,8,32 [--device cpu] [--threads 2] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def markdown(data: dict) -> str:
     clock_name = "process CPU" if data.get("clock") == "cpu" else "wall"
     lines = [f"# End to end: ELAS {data['preset']} vs a dense LLaMA of its shape ({env['device']})", "",
              f"Random weights, {data['input_len']} prompt + {data['output_len']} output tokens per sequence, greedy, "
-             f"{data['dtype']}, {data['threads']} torch threads, best of {data['repeats']} rounds interleaving the engines, "
-             f"{clock_name} time; decode tok/s excludes "
+             f"{data['dtype']}, {data['threads']} torch threads, best of {data['repeats']} rounds interleaving the "
+             f"engines, {clock_name} time; decode tok/s excludes "
              f"the prefill (a 1-token run's time is subtracted). torch {env['torch']}, commit {env['commit']}, "
              f"{env['date']}.", "",
              "| engine | model | FFN backend | batch | decode tok/s | / transformers (dense) |",
