@@ -7,9 +7,10 @@ full-rank SwiGLU LLaMA with the same hidden size, layers, heads, vocabulary and 
 engine generates the same greedy workload: B prompts of --input-len random token ids, exactly
 --output-len tokens each. Decode tok/s = B * (output_len - 1) / (T(output_len) - T(1)): the time
 of a 1-token run (prefill) is subtracted, for both engines alike. Both run in this process with
-the same torch threads. Writes docs/benchmarks/e2e_<device>_<preset>.{json,md}.
+the same torch threads, their timings interleaved (best of --repeats rounds: see `run`).
+Writes docs/benchmarks/e2e_<device>_<preset>.{json,md}.
 
-Run: python benchmarks/bench_e2e.py --preset 60m --batch 1,8,32 [--device cpu] [--threads 2]
+Run: python benchmarks/bench_e2e.py --preset 60m --batch 1,8,32 [--device cpu] [--threads 2] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -55,13 +56,20 @@ def prompts_of(batch: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(1, 4096, (batch, length), generator=g).tolist()
 
 
+# NOTE: `--clock cpu` times with the process's CPU time: on a machine shared with other processes
+# it leaves out the time they take the cores from us (with one torch thread it equals the wall
+# time of an idle machine; with more, spinning OpenMP threads count too)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def time_ours(llm: LLM, prompts: list[list[int]], output_len: int, repeats: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = llm.generate(prompts, params, use_tqdm=False)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
         assert all(len(r.outputs[0].token_ids) == output_len for r in out)
     return statistics.median(times)
 
@@ -72,13 +80,13 @@ def time_hf(model, prompts: list[list[int]], output_len: int, repeats: int, devi
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
                                  min_new_tokens=output_len, do_sample=False, pad_token_id=0)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
         assert out.shape[1] == ids.shape[1] + output_len
     return statistics.median(times)
 
@@ -88,58 +96,74 @@ def decode_tok_s(batch: int, output_len: int, t_full: float, t_one: float) -> fl
 
 
 def run(preset: str, batches: list[int], input_len: int, output_len: int, device: str, dtype: str,
-        backends: list[str], threads: int | None, repeats: int, with_hf: bool = True) -> dict:
-    """The whole comparison (also the GPU suite's end-to-end stage); returns the results dict."""
+        backends: list[str], threads: int | None, repeats: int, with_hf: bool = True,
+        clock_name: str = "wall") -> dict:
+    """The whole comparison (also the GPU suite's end-to-end stage); returns the results dict.
+
+    NOTE: every engine is built first and the timings interleave: for each batch, `repeats` rounds
+    each time every engine once (the full run, then the 1-token run), and each engine keeps its
+    best round. On a shared machine the load of other processes changes over minutes; timing the
+    engines one after the other let it bias their ratios (ELAS over transformers at batch 1: 1.22x,
+    then 0.93x in the next run, after a change that only made its mask faster), while a slowdown
+    only ever adds time, so the best of interleaved rounds compares them under like conditions.
+    """
+    global clock
+    clock = CLOCKS[clock_name]
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpts = write_checkpoints(preset, Path(tmp), input_len + output_len + 8)
-        engines = [("elas", b) for b in backends] + [("dense", "dense")]
-        bar = tqdm(total=len(engines) * len(batches) + (len(batches) if with_hf else 0), desc=f"e2e {preset}")
-        for model_name, backend in engines:
+        timers = []  # (row fields, timing function (prompts, output_len) -> seconds)
+        for model_name, backend in [("elas", b) for b in backends] + [("dense", "dense")]:
             llm = LLM(model=ckpts[model_name], device=device, dtype=dtype, ffn_backend=backend,
                       max_num_seqs=max(batches), max_model_len=input_len + output_len + 8, cpu_threads=threads,
                       num_kv_blocks=max(batches) * (-(-(input_len + output_len + 8) // 16)) + 1)
-            time_ours(llm, prompts_of(1, input_len, 0), 2, 1)  # warm-up
-            for b in batches:
-                prompts = prompts_of(b, input_len, b)
-                t_full = time_ours(llm, prompts, output_len, repeats)
-                t_one = time_ours(llm, prompts, 1, repeats)
-                rows.append({"engine": "elas-serve", "model": model_name, "ffn_backend": backend, "batch": b,
-                             "t_full_s": t_full, "t_one_s": t_one,
-                             "decode_tok_s": decode_tok_s(b, output_len, t_full, t_one)})
-                bar.update()
-            del llm
-            gc.collect()
+            timers.append(({"engine": "elas-serve", "model": model_name, "ffn_backend": backend},
+                           lambda p, n, llm=llm: time_ours(llm, p, n, 1)))
         if with_hf:
             from transformers import LlamaForCausalLM
             hf = LlamaForCausalLM.from_pretrained(ckpts["dense"], dtype=getattr(torch, dtype if dtype != "auto" else (
                 "bfloat16" if dev.type == "cuda" else "float32"))).to(dev).eval()
-            time_hf(hf, prompts_of(1, input_len, 0), 2, 1, dev)
-            for b in batches:
-                prompts = prompts_of(b, input_len, b)
-                t_full = time_hf(hf, prompts, output_len, repeats, dev)
-                t_one = time_hf(hf, prompts, 1, repeats, dev)
-                rows.append({"engine": "transformers", "model": "dense", "ffn_backend": None, "batch": b,
-                             "t_full_s": t_full, "t_one_s": t_one,
-                             "decode_tok_s": decode_tok_s(b, output_len, t_full, t_one)})
+            timers.append(({"engine": "transformers", "model": "dense", "ffn_backend": None},
+                           lambda p, n: time_hf(hf, p, n, 1, dev)))
+        for _, timer in timers:
+            timer(prompts_of(1, input_len, 0), 2)  # warm-up
+        bar = tqdm(total=len(batches) * repeats, desc=f"e2e {preset}")
+        by_batch = {}
+        for b in batches:
+            prompts = prompts_of(b, input_len, b)
+            times = [([], []) for _ in timers]  # (full runs, 1-token runs) per engine
+            for _ in range(repeats):
+                for (_, timer), (full, one) in zip(timers, times):
+                    full.append(timer(prompts, output_len))
+                    one.append(timer(prompts, 1))
                 bar.update()
+            by_batch[b] = times
         bar.close()
+        for i, (fields, _) in enumerate(timers):
+            for b in batches:
+                full, one = by_batch[b][i]
+                rows.append({**fields, "batch": b, "t_full_s": min(full), "t_one_s": min(one),
+                             "decode_tok_s": decode_tok_s(b, output_len, min(full), min(one))})
+        del timers
+        gc.collect()
     hf_rate = {r["batch"]: r["decode_tok_s"] for r in rows if r["engine"] == "transformers"}
     for r in rows:
         if r["batch"] in hf_rate:
             r["over_transformers"] = r["decode_tok_s"] / hf_rate[r["batch"]]
     return {"preset": preset, "device": device, "dtype": dtype, "input_len": input_len, "output_len": output_len,
-            "threads": torch.get_num_threads(), "repeats": repeats, "results": rows}
+            "threads": torch.get_num_threads(), "repeats": repeats, "clock": clock_name, "results": rows}
 
 
 def markdown(data: dict) -> str:
     env = data["environment"]
+    clock_name = "process CPU" if data.get("clock") == "cpu" else "wall"
     lines = [f"# End to end: ELAS {data['preset']} vs a dense LLaMA of its shape ({env['device']})", "",
              f"Random weights, {data['input_len']} prompt + {data['output_len']} output tokens per sequence, greedy, "
-             f"{data['dtype']}, {data['threads']} torch threads, median of {data['repeats']}; decode tok/s excludes "
+             f"{data['dtype']}, {data['threads']} torch threads, best of {data['repeats']} rounds interleaving the "
+             f"engines, {clock_name} time; decode tok/s excludes "
              f"the prefill (a 1-token run's time is subtracted). torch {env['torch']}, commit {env['commit']}, "
              f"{env['date']}.", "",
              "| engine | model | FFN backend | batch | decode tok/s | / transformers (dense) |",
@@ -161,14 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backends", default=None, help="ELAS FFN backends (default: dense on CPU; every one on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: torch's)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or the process's CPU time (a shared machine's other load left out)")
     p.add_argument("--out", type=Path, default=DOCS)
     args = p.parse_args(argv)
     backends = args.backends.split(",") if args.backends else (
         ["dense"] if args.device == "cpu" else ["dense", "sparse24", "fused", "auto"])
     data = run(args.preset, [int(b) for b in args.batch.split(",")], args.input_len, args.output_len, args.device,
-               args.dtype, backends, args.threads, args.repeats, not args.no_transformers)
+               args.dtype, backends, args.threads, args.repeats, not args.no_transformers, args.clock)
     data["environment"] = environment(torch.device(args.device))
     path = write_results(f"e2e_{torch.device(args.device).type}_{args.preset}", data, markdown(data), args.out)
     print(markdown(data))

@@ -41,35 +41,92 @@ class Sparse24(NamedTuple):
         return 2 * self.values.shape[1] + self.tail.shape[1]
 
 
-def sparse24_keep_mask(y: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the kept features of `y` (..., F): 2 of every 4, dense tail kept."""
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _top2_of_4(a: torch.Tensor) -> torch.Tensor:
+    """Keep flags (..., G, 4) bool of the magnitudes `a` (..., G, 4): the rank formula of the NOTE.
+
+    NOTE: rank_j < 2 rewritten on the 6 comparisons as uint8 0/1 (a bool's bytes, viewed for free):
+    r0 = 3 - b01 - b02 - b03 < 2  <=>  b01 + b02 + b03 >= 2
+    r1 = b01 + 2 - b12 - b13 < 2  <=>  b01 < b12 + b13
+    r2 = b02 + b12 + 1 - b23 < 2  <=>  b02 + b12 <= b23
+    r3 = b03 + b13 + b23 < 2
+    Same flags as the kernels' `top2_of_4` for every input, NaN included (a NaN compares false
+    with everything in both). 6 compares and 10 small integer ops on (..., G) strided views: the
+    eager CPU cost is per op (a few us each at decode sizes), and a compare or select mixing floats
+    with bools costs ~1 ns per element, integer ops a fraction of that.
+    """
+    v0, v1, v2, v3 = a.unbind(-1)  # (..., G) each, stride 4
+    b01, b02, b03 = (v0 >= v1).view(torch.uint8), (v0 >= v2).view(torch.uint8), (v0 >= v3).view(torch.uint8)
+    b12, b13, b23 = (v1 >= v2).view(torch.uint8), (v1 >= v3).view(torch.uint8), (v2 >= v3).view(torch.uint8)
+    return torch.stack((b01 + b02 + b03 >= 2, b01 < b12 + b13, b02 + b12 <= b23, b03 + b13 + b23 < 2), dim=-1)
+
+
+def _groups(y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the 4-aligned body of `y` (..., F) viewed as (..., G, 4), its width 4G)."""
     width = y.shape[-1]
     body = width - width % 4
-    a = y[..., :body].abs().unflatten(-1, (body // 4, 4))  # (..., G, 4)
-    v0, v1, v2, v3 = a.unbind(-1)
-    b01, b02, b03 = v0 >= v1, v0 >= v2, v0 >= v3
-    b12, b13, b23 = v1 >= v2, v1 >= v3, v2 >= v3
-    # rank_j = number of entries that beat entry j
-    r0 = (~b01).int() + (~b02).int() + (~b03).int()
-    r1 = b01.int() + (~b12).int() + (~b13).int()
-    r2 = b02.int() + b12.int() + (~b23).int()
-    r3 = b03.int() + b13.int() + b23.int()
-    keep = (torch.stack((r0, r1, r2, r3), dim=-1) < 2).flatten(-2)  # (..., body)
-    if body == width:
+    return y[..., :body].unflatten(-1, (body // 4, 4)), body
+
+
+def _masked_into(y4: torch.Tensor, keep: torch.Tensor, out4: torch.Tensor) -> None:
+    """out4 = y4 where keep else +0.0, bit for bit, as an integer AND (NaN and inf pass untouched).
+
+    NOTE: `torch.where(keep, y, 0)` or `masked_fill` mixes bools with floats (~1 ns per element on
+    the CPU); an AND with an all-ones/all-zeros integer word is 3-8x cheaper at (32, 2064).
+    """
+    itype = _INT_OF_SIZE[y4.element_size()]
+    word = keep.to(itype).neg_()  # (..., G, 4): -1 (all bits set) where kept, 0 where dropped
+    torch.bitwise_and(y4.view(itype), word, out=out4.view(itype))
+
+
+def sparse24_keep_mask(y: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the kept features of `y` (..., F): 2 of every 4, dense tail kept."""
+    y4, body = _groups(y)
+    keep = _top2_of_4(y4.abs()).flatten(-2)  # (..., body)
+    if body == y.shape[-1]:
         return keep
-    tail = torch.ones(*y.shape[:-1], width - body, dtype=torch.bool, device=y.device)
+    tail = torch.ones(*y.shape[:-1], y.shape[-1] - body, dtype=torch.bool, device=y.device)
     return torch.cat((keep, tail), dim=-1)
 
 
 def sparse24_ref(y: torch.Tensor) -> torch.Tensor:
     """`y` with the 2 smallest-magnitude entries of every group of 4 set to zero."""
-    return torch.where(sparse24_keep_mask(y), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    if y.requires_grad and torch.is_grad_enabled():  # differentiable: the mask's gradient
+        return torch.where(sparse24_keep_mask(y), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    y4, body = _groups(y)
+    out = torch.empty_like(y) if body == y.shape[-1] else y.clone()  # the tail is y's
+    _masked_into(y4, _top2_of_4(y4.abs()), _groups(out)[0])
+    return out
+
+
+def sparse24_(y: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
+    """`sparse24_ref(y)` written into `y` itself (a temporary the caller owns); returns `y`.
+
+    With `nonnegative` (y is relu(h) ** 2: >= 0 or NaN) the magnitudes are y itself: the same
+    comparisons as on |y| (the sign of a zero or a NaN changes no comparison), one op fewer.
+    """
+    y4, _ = _groups(y)
+    _masked_into(y4, _top2_of_4(y4 if nonnegative else y4.abs()), y4)
+    return y
 
 
 def relu2_sparse24_ref(h: torch.Tensor, two_by_four: bool = True) -> torch.Tensor:
     """`sparse24(relu(h) ** 2)` (or just `relu(h) ** 2`), in the dtype of `h`."""
     y = torch.relu(h).square()
-    return sparse24_ref(y) if two_by_four else y
+    if not two_by_four:
+        return y
+    return sparse24_ref(y) if y.requires_grad and torch.is_grad_enabled() else sparse24_(y, nonnegative=True)
+
+
+def relu2_sparse24_(h: torch.Tensor, two_by_four: bool = True) -> torch.Tensor:
+    """`relu2_sparse24_ref(h)` computed in place in `h` (a temporary the caller owns); returns `h`.
+
+    The same values bit for bit: relu_ and square_ are relu and square without the allocation.
+    """
+    y = torch.relu_(h).square_()
+    return sparse24_(y, nonnegative=True) if two_by_four else y
 
 
 def sparse24_compress_ref(y: torch.Tensor) -> Sparse24:
@@ -77,7 +134,7 @@ def sparse24_compress_ref(y: torch.Tensor) -> Sparse24:
     num_tokens, width = y.shape
     groups = width // 4
     body = y[:, :4 * groups].reshape(num_tokens, groups, 4)  # (T, G, 4)
-    keep = sparse24_keep_mask(body)  # (T, G, 4), exactly 2 per group
+    keep = _top2_of_4(body.abs())  # (T, G, 4), exactly 2 per group (NaN aside)
     pos = torch.arange(4, device=y.device).expand_as(keep)
     kept = pos[keep].view(num_tokens, groups, 2)  # (T, G, 2): i0 < i1
     values = body.gather(-1, kept).reshape(num_tokens, 2 * groups)  # (T, 2G)

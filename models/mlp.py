@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from elas_serve.kernels.ffn import FFN_BACKENDS
-from elas_serve.kernels.relu2_sparse24 import sparse24_ref
+from elas_serve.kernels.relu2_sparse24 import relu2_sparse24_, sparse24_ref
 
 from .config import ElasConfig
 from .layers import Projection, ProjSpec
@@ -51,10 +51,13 @@ class ElasMLP(nn.Module):
         if kernel and not torch.is_grad_enabled():
             fn = FFN_BACKENDS[backend]
             return fn(x, self.up_proj.factors(), self.down_proj.factors(), self.two_by_four)
-        y = torch.relu(self.up_proj(x)).square()  # (..., F)
-        if self.two_by_four:
-            y = _Sparse24STE.apply(y) if y.requires_grad else sparse24_ref(y)
-        return self.down_proj(y)
+        h = self.up_proj(x)  # (..., F)
+        if not h.requires_grad:
+            # NOTE: h is this call's own temporary: relu, square and the 2:4 mask run in place (the
+            # same values bit for bit), sparing three (..., F) allocations per layer
+            return self.down_proj(relu2_sparse24_(h, self.two_by_four))
+        y = torch.relu(h).square()
+        return self.down_proj(_Sparse24STE.apply(y) if self.two_by_four else y)
 
 
 class SwiGLUMLP(nn.Module):
@@ -66,4 +69,8 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = Projection(width, h, specs["down_proj"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)  # (..., F)
+        if gate.requires_grad:
+            return self.down_proj(F.silu(gate) * self.up_proj(x))
+        # NOTE: gate is this call's own temporary: silu and the product in place (same values)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
