@@ -76,6 +76,9 @@ def _masked_into(y4: torch.Tensor, keep: torch.Tensor, out4: torch.Tensor) -> No
     NOTE: `torch.where(keep, y, 0)` or `masked_fill` mixes bools with floats (~1 ns per element on
     the CPU); an AND with an all-ones/all-zeros integer word is 3-8x cheaper at (32, 2064).
     """
+    if torch.compiler.is_compiling():  # NOTE: inductor fuses a select; `out=` into views does not trace
+        out4.copy_(torch.where(keep, y4, torch.zeros((), dtype=y4.dtype, device=y4.device)))
+        return
     itype = _INT_OF_SIZE[y4.element_size()]
     word = keep.to(itype).neg_()  # (..., G, 4): -1 (all bits set) where kept, 0 where dropped
     torch.bitwise_and(y4.view(itype), word, out=out4.view(itype))

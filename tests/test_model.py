@@ -66,7 +66,7 @@ def test_logits_match_float64_reference(tmp_path, variant, load_dtype):
     if load_dtype == torch.float32:
         assert rel <= 1e-5 and err <= 1e-4 * ref.abs().max().item(), (err, rel)
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
-        model.fuse_qkv()  # serving's fused q/k/v GEMMs: the same logits
+        model.prepare_for_serving()  # fused q/k/v GEMMs, column-major output weight: the same logits
         fused = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)))).double()
         assert model.model.layers[0].self_attn.qkv_weight is not None
         assert ((fused - got).norm() / got.norm()).item() <= 1e-6

@@ -54,7 +54,7 @@ def keep_freed_memory() -> None:
 class EngineCore:
     def __init__(self, model: ElasForCausalLM, config: EngineConfig):
         self.model, self.config = model, config
-        model.fuse_qkv()
+        model.prepare_for_serving()
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.ffn_backend = self._select_ffn_backend(config.ffn_backend)
         num_blocks = self._num_kv_blocks()
