@@ -89,7 +89,7 @@ def dense_filtered(logits: torch.Tensor, rows: list[SamplingRow]) -> dict[int, t
     limited = [j for j, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
     if limited:
         for js, w, ids in S._top_k_top_p(probs, [params[j] for j in limited], limited):
-            dense = torch.zeros(len(js), vocab).scatter_(1, ids, w)
+            dense = w.clone() if ids is None else torch.zeros(len(js), vocab).scatter_(1, ids, w)
             out.update({sampled[limited[j]]: dense[n] for n, j in enumerate(js)})
     return out
 
