@@ -207,11 +207,14 @@ def _threshold(probs: torch.Tensor, params: list[SamplingParams], at: list[int],
     if not bool(cutting.any()):
         return w
     assert w.dtype == torch.float32, "the buckets are float32 bits"
-    nb = (0x3F800000 >> BUCKET_SHIFT) + 1  # NOTE: probabilities are <= 1.0: buckets up to that of 1.0
+    # NOTE: probabilities are <= 1.0: buckets up to that of 1.0; all values below EXACT_FLOOR share one
+    # (a window there falls back anyway): bucket b is flat id row * nb + b - low
+    low, top = (_bits(EXACT_FLOOR) >> BUCKET_SHIFT) - 1, _bits(1.0) >> BUCKET_SHIFT
+    nb = top - low + 1
     flat = _scratch("thr_bucket", (m, vocab), torch.int32, dev)
-    torch.bitwise_right_shift(w.view(torch.int32), BUCKET_SHIFT, out=flat).clamp_(max=nb - 1)
-    row0 = torch.arange(m, device=dev, dtype=torch.int32)[:, None] * nb  # flat bucket id = row * nb + bucket
-    flat.add_(row0)
+    torch.bitwise_right_shift(w.view(torch.int32), BUCKET_SHIFT, out=flat).clamp_(low, top)
+    row0 = torch.arange(m, device=dev, dtype=torch.int32)[:, None] * nb
+    flat.add_(row0 - low)
     w64 = _scratch("thr_w64", (m, vocab), torch.float64, dev).copy_(w)
     hist = _scratch("thr_hist", (m, nb), torch.float64, dev).zero_()
     hist.view(-1).index_add_(0, flat.view(-1), w64.view(-1))
@@ -227,11 +230,14 @@ def _threshold(probs: torch.Tensor, params: list[SamplingParams], at: list[int],
     first = (desc < cut64 * (1 - WINDOW_MARGIN)).sum(-1)  # window: desc buckets [first, last]
     last = (desc < cut64 * (1 + WINDOW_MARGIN)).sum(-1).clamp_(max=nb - 1)
     above = torch.where(first > 0, desc.gather(1, (first - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
-    lo, hi = nb - 1 - last, nb - 1 - first  # the window's buckets by value
+    lo, hi = nb - 1 - last, nb - 1 - first  # the window's buckets by value (from `low`)
     lowest = (hist > 0).to(torch.int8).argmax(-1)  # the lowest bucket holding a positive value
+    # the window's tokens: values in [its lowest bucket's floor, the floor of the bucket above it)
+    floor = torch.where(lo > 0, _from_bits((lo + low) << BUCKET_SHIFT), 0.0)
+    ceil = torch.where(hi < nb - 1, _from_bits((hi + low + 1) << BUCKET_SHIFT), float("inf"))
     inside = _scratch("thr_in", (m, vocab), torch.bool, dev)
-    torch.ge(flat, (row0.squeeze(1) + lo.to(torch.int32))[:, None], out=inside)
-    inside.logical_and_(flat <= (row0.squeeze(1) + hi.to(torch.int32))[:, None])
+    torch.ge(w, floor[:, None], out=inside).logical_and_(
+        torch.lt(w, ceil[:, None], out=_scratch("thr_in2", (m, vocab), torch.bool, dev)))
     r, c = inside.nonzero(as_tuple=True)
     count = torch.bincount(r, minlength=m)
     width = max(int(count.max()), 1)
@@ -247,14 +253,22 @@ def _threshold(probs: torch.Tensor, params: list[SamplingParams], at: list[int],
     after = vals.gather(1, kept.clamp(max=width - 1)[:, None]).squeeze(1)  # the next one in the window
     ok = (total_sure & (kept >= 1)  # the window's first token kept: all above it are
           & (((above + run[:, -1]).to(w.dtype) >= cut) | (lowest >= lo))  # the token after the window dropped
-          & (lo << BUCKET_SHIFT >= _bits(EXACT_FLOOR))
+          & ((lo + low) << BUCKET_SHIFT >= _bits(EXACT_FLOOR))
           & ((kept == count) | (after != v)))  # no cut inside a run of equal values
     redo = (cutting & ~ok).nonzero().squeeze(1)
     fallback = _full_sort(w.index_select(0, redo), top_p[redo]) if redo.numel() else None
-    w.mul_(w >= torch.where(cutting, v, 0.0)[:, None])  # NOTE: the kept set {p >= v}; 0 keeps all
+    # NOTE: the kept set {p >= v} (0: all); a comparison written to float32 and multiplied is several
+    # times faster than a bool mask on the CPU
+    keep = _scratch("thr_keep", (m, vocab), w.dtype, dev)
+    w.mul_(torch.ge(w, torch.where(cutting, v, 0.0)[:, None], out=keep))
     if fallback is not None:
         w.index_copy_(0, redo, fallback)
     return w
+
+
+def _from_bits(b: torch.Tensor) -> torch.Tensor:
+    """float32 values of the bit patterns `b` (int)."""
+    return b.to(torch.int32).view(torch.float32)
 
 
 def _bits(x: float) -> int:
@@ -298,8 +312,16 @@ def _top_k_top_p(probs: torch.Tensor, params: list[SamplingParams], at: list[int
         s = next((s for s in range(stage, len(widths)) if widths[s] > need), None)
         (wide if s is None else pending[s]).append(j)
 
-    for j, k in enumerate(top_k):
-        move_on(j, 0, k)
+    need = [float(k) for k in top_k]
+    spread = [j for j, p in enumerate(params) if p.top_p < 1 and not top_k[j]]
+    if widths and spread:  # a top_p set needs more tokens than its mass over the most likely one's
+        sel = torch.tensor([at[j] for j in spread], device=probs.device)
+        mass = probs.sum(-1).index_select(0, sel) * _per_row([params[j].top_p for j in spread], probs)
+        # NOTE: routing only (a row sent wide is as exact there); the margin covers float32 rounding
+        for j, n in zip(spread, (mass * (1 - 1e-4) / probs.amax(-1).index_select(0, sel)).tolist()):
+            need[j] = n
+    for j, n in enumerate(need):
+        move_on(j, 0, n)
     for stage, width in enumerate(widths):
         todo = sorted(pending[stage])
         if not todo:
