@@ -9,10 +9,18 @@ likely ones reach p. Log-probs are of the raw model distribution (vLLM's default
 - logit_bias and min_tokens: one `index_add_` / `index_fill_` over flat `row * V + token` ids;
   penalties over the nonzeros of the (prompt, output) token-count matrix in coordinate form
   (`torch.unique` of flat ids, with counts): O(ids), not O(B * V);
-- temperature, softmax and min_p over the sampled rows; top_k / top_p over each row's most
-  likely candidates (one `topk` per width in `_widths`, a full sort last): a row whose kept set
-  reaches the end of its candidates moves on to a wider set. Exact, because the kept set is a
-  prefix of the sorted row and the candidates' cumsum is that of the sorted row;
+- temperature, softmax and min_p over the sampled rows; then top_k / top_p on one of two paths:
+  * a row whose kept set can fit 64 tokens (its top_p mass over its largest probability, or its
+    top_k, says so) ranks its 64 most likely candidates (`_topk`, in two levels) and is done if the
+    kept set ends inside them. Exact: the kept set is a prefix of the sorted row and the
+    candidates' cumsum is that of the sorted row;
+  * every other row (flat rows, sets of thousands of tokens) goes to `_threshold`: a mass histogram
+    by value bucket finds the bucket where the cut falls, that bucket's few hundred tokens are
+    sorted, and the kept set is {p >= the last kept value}: a fixed number of passes over (m, V)
+    instead of a sort of the row. Exact too: float64 sums of the values involved are exact, and a
+    row falls back to a full sort (`_full_sort`, the oracle's own rule) when a premise fails, which
+    includes a cut inside a run of equal probabilities (the oracle keeps those its unstable sort
+    puts first: only the same sort of the same values reproduces that);
 - a greedy-only batch takes argmax after the penalties, no softmax.
 `sampler_ref.sample_ref` is the per-row implementation it replaced, kept as the oracle: the
 tests hold the two to the same penalized logits, filtered probabilities and (greedy, seeded) tokens.
