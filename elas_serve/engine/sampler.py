@@ -270,10 +270,9 @@ def _threshold(probs: torch.Tensor, params: list[SamplingParams], at: list[int],
           & ((kept == count) | (after != v)))  # no cut inside a run of equal values
     redo = (cutting & ~ok).nonzero().squeeze(1)
     fallback = _full_sort(w.index_select(0, redo), top_p[redo]) if redo.numel() else None
-    # NOTE: the kept set {p >= v} (0: all); a comparison written to float32 and multiplied is several
-    # times faster than a bool mask on the CPU
-    keep = _scratch("thr_keep", (m, vocab), w.dtype, dev)
-    w.mul_(torch.ge(w, torch.where(cutting, v, 0.0)[:, None], out=keep))
+    # NOTE: the kept set {p >= v} (0: all); a comparison written to float32 (into the bucket ids' buffer,
+    # done with) and multiplied is several times faster than a bool mask on the CPU
+    w.mul_(torch.ge(w, torch.where(cutting, v, 0.0)[:, None], out=flat.view(w.dtype)))
     if fallback is not None:
         w.index_copy_(0, redo, fallback)
     return w
