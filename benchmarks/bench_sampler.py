@@ -2,14 +2,17 @@
 
     python benchmarks/bench_sampler.py            # batches 1, 64, 256; vocab 32768; 1 and 2 threads
     python benchmarks/bench_sampler.py --quick    # CI smoke run (small, written to a temp dir)
+    python benchmarks/bench_sampler.py --solo 2,3 # also batch 1 of MIX[2] alone, of MIX[3] alone
 
 Each batch cycles through a fixed mix of requests (see MIX: greedy, temperature alone, top_p,
 top_k, min_p, penalties with logit_bias and min_tokens; 1 sampled row in 6 seeded); every
 row has a 128-token prompt and 32 output tokens. Two logit styles: `peaked` (LM-like: a N(0, 2^2)
 bulk and 32 plausible tokens lifted by 8-16 (per row), so the median top_p=0.9 set holds about a
 dozen tokens, with a tail of flat rows: the script prints the statistics) and `flat` (N(0, 1):
-sets of thousands of tokens, the worst case, where top_p needs a full sort either way). Timed: one call on a fresh copy of the logits (the copy not timed), the two samplers in
-turn, median of --repeats. Before timing, each case checks that greedy and seeded rows get the same tokens from
+sets of thousands of tokens, the worst case: `sample_ref` sorts each row, `sample` finds them by
+its value threshold). Batch 1 is MIX[0] (greedy) alone; `--solo` adds batch-1 cases of other MIX
+entries alone (`batch` "1:<index>" in the results). Timed: one call on a fresh copy of the logits
+(the copy not timed), the two samplers in turn, median of --repeats. Before timing, each case checks that greedy and seeded rows get the same tokens from
 both. Writes docs/benchmarks/sampler_cpu.{json,md} (--quick: a temporary directory).
 """
 
@@ -46,13 +49,14 @@ MIX = [  # (share name, params); a batch of B rows takes MIX[i % len(MIX)] for r
 ]
 
 
-def make_rows(batch: int, vocab: int, seed: int) -> list[SamplingRow]:
+def make_rows(batch: int, vocab: int, seed: int, first: int = 0) -> list[SamplingRow]:
+    """Rows for a batch: row i takes MIX[(first + i) % len(MIX)] (seeded and min_tokens by i)."""
     rng = random.Random(seed)
     shared = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(batch):
-        kw = dict(MIX[i % len(MIX)][1])
-        if kw["temperature"] > 0 and i % 16 in (1, 10):  # 2 of the 12 sampled rows in 16
+        kw = dict(MIX[(first + i) % len(MIX)][1])
+        if kw["temperature"] > 0 and (i % 16 in (1, 10) or batch == 1):  # 2 of the 12 sampled rows in 16
             kw["seed"] = 1000 + i
         params = SamplingParams(**kw)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else shared
@@ -97,10 +101,11 @@ def time_pair(logits: torch.Tensor, rows: list[SamplingRow], repeats: int) -> tu
                   "cpu_median_ms": statistics.median(cpu[fn][1:]), "repeats": repeats} for fn in wall)
 
 
-def check(logits: torch.Tensor, batch: int, vocab: int) -> int:
+def check(logits: torch.Tensor, batch: int, vocab: int, first: int = 0) -> int:
     """Greedy and seeded rows: the same token from both samplers (fresh generators each)."""
-    ours, ref = sample(logits.clone(), make_rows(batch, vocab, 0)), sample_ref(logits.clone(), make_rows(batch, vocab, 0))
-    rows = make_rows(batch, vocab, 0)
+    ours = sample(logits.clone(), make_rows(batch, vocab, 0, first))
+    ref = sample_ref(logits.clone(), make_rows(batch, vocab, 0, first))
+    rows = make_rows(batch, vocab, 0, first)
     exact = [i for i, r in enumerate(rows) if r.params.greedy or r.params.seed is not None]
     bad = [i for i in exact if ours[i] != ref[i]]
     if bad:
@@ -138,27 +143,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--styles", default="peaked,flat")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--solo", default="2", help="MIX indices also timed alone at batch 1 (seeded); '' for none")
     p.add_argument("--quick", action="store_true", help="vocab 4096, batches 1 and 16, 2 repeats")
     p.add_argument("--out", type=Path, default=None, help="JSON path (markdown next to it)")
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.batches, args.repeats = 4096, "1,16", 2
-    batches = [int(b) for b in args.batches.split(",")]
+    cases = [(int(b), 0) for b in args.batches.split(",")] + [(1, int(i)) for i in args.solo.split(",") if i]
     styles = args.styles.split(",")
     results = []
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for style in styles:
-            for batch in batches:
+            for batch, first in cases:
+                label = batch if not first else f"{batch}:{first}"  # batch 1 of MIX[first] alone
                 logits = make_logits(style, batch, args.vocab, seed=batch)
-                checked = check(logits, batch, args.vocab)
-                rows = make_rows(batch, args.vocab, 1)
+                checked = check(logits, batch, args.vocab, first)
+                rows = make_rows(batch, args.vocab, 1, first)
                 ref, new = time_pair(logits, rows, args.repeats)
-                r = {"style": style, "threads": threads, "batch": batch, "ref": ref, "new": new,
+                r = {"style": style, "threads": threads, "batch": label, "ref": ref, "new": new,
                      "speedup": ref["median_ms"] / new["median_ms"], "rows_checked_exact": checked,
                      "load_avg_1min": os.getloadavg()[0]}  # NOTE: other work on the machine shows here
                 results.append(r)
-                print(f"{style:6s} threads={threads} batch={batch:4d}  sample_ref {ref['median_ms']:9.2f} ms  "
+                print(f"{style:6s} threads={threads} batch={label!s:>4s}  sample_ref {ref['median_ms']:9.2f} ms  "
                       f"sample {new['median_ms']:8.2f} ms  {r['speedup']:5.1f}x  ({checked} rows equal, "
                       f"load {r['load_avg_1min']:.1f})", flush=True)
     env = environment(torch.device("cpu"))

@@ -73,6 +73,8 @@ def make_logits(style: str, num_rows: int, vocab: int, g: torch.Generator) -> to
         return torch.randn(num_rows, vocab, generator=g)
     if style == "ties":  # few distinct values: top_k tie runs longer than the candidate width
         return (torch.randn(num_rows, vocab, generator=g) * 2).round()
+    if style == "fine_ties":  # logits on a 1/16 grid: runs of equal probabilities at most cuts
+        return (torch.randn(num_rows, vocab, generator=g) * 16).round() / 16
     logits = torch.randn(num_rows, vocab, generator=g) * 2  # peaked, LM-like: a few likely tokens
     boost = torch.randint(0, vocab, (num_rows, 8), generator=g)
     return logits.scatter_add(1, boost, torch.rand(num_rows, 8, generator=g) * 8 + 4)
@@ -89,20 +91,17 @@ def dense_filtered(logits: torch.Tensor, rows: list[SamplingRow]) -> dict[int, t
     limited = [j for j, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
     if limited:
         for js, w, ids in S._top_k_top_p(probs, [params[j] for j in limited], limited):
-            dense = torch.zeros(len(js), vocab).scatter_(1, ids, w)
+            dense = w.clone() if ids is None else torch.zeros(len(js), vocab).scatter_(1, ids, w)
             out.update({sampled[limited[j]]: dense[n] for n, j in enumerate(js)})
     return out
 
 
 @pytest.mark.parametrize("style,vocab,seed", [("peaked", 3000, 0), ("flat", 3000, 1), ("peaked", 97, 2),
-                                              ("ties", 2000, 3), ("flat", 40, 4)])
+                                              ("ties", 2000, 3), ("flat", 40, 4), ("fine_ties", 3000, 7)])
 def test_batched_equals_per_row_reference(style, vocab, seed):
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     rows = random_rows(rng, 96, vocab)
-    if style == "ties":  # top_p cuts inside a run of equal probabilities follow the sort's tie order
-        for r in rows:
-            r.params.top_p = 1.0
     logits = make_logits(style, len(rows), vocab, g)
 
     ours, ref = apply_penalties(logits.clone(), rows), apply_penalties_ref(logits.clone(), rows)
@@ -224,3 +223,102 @@ def test_token_logprobs_batched_equals_per_row():
         vals, top = row.topk(num_top[i]) if num_top[i] else (torch.tensor([]), torch.tensor([], dtype=torch.long))
         assert lp.top == list(zip(top.tolist(), vals.tolist()))
     assert S.token_logprobs(logprobs[:0], [], []) == []
+
+
+def wide_rows(rng: random.Random, num_rows: int) -> list[SamplingRow]:
+    """Sampled rows whose top_p sets are wide on flat logits: every row takes `_threshold` (mixed
+    with min_p and top_k, half of them seeded)."""
+    rows = []
+    for i in range(num_rows):
+        kw: dict = {"temperature": rng.choice([0.6, 0.8, 1.0, 1.5]), "top_p": rng.uniform(0.5, 0.999)}
+        if i % 4 == 1:
+            kw["min_p"] = rng.choice([0.001, 0.02])
+        if i % 4 == 2:
+            kw["top_k"] = rng.choice([100, 5000, 20000])
+        if i % 2:
+            kw["seed"] = rng.randrange(2 ** 32)
+        p = SamplingParams(**kw)
+        rows.append(SamplingRow(p, [], [], [], torch.Generator().manual_seed(p.seed) if p.seed is not None else None))
+    return rows
+
+
+def count_full_sorts(monkeypatch) -> list[int]:
+    """Rows `_threshold` hands to `_full_sort`, call by call."""
+    calls: list[int] = []
+    real = S._full_sort
+
+    def counted(w, top_p):
+        calls.append(len(w))
+        return real(w, top_p)
+
+    monkeypatch.setattr(S, "_full_sort", counted)
+    return calls
+
+
+def assert_like_reference(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Filtered probabilities bit for bit, greedy and seeded tokens equal."""
+    for i, probs in dense_filtered(logits, rows).items():
+        assert torch.equal(probs, _filter(logits[i].clone(), rows[i].params)), (i, rows[i].params)
+    tokens, expected = sample(logits.clone(), fresh(rows)), sample_ref(logits.clone(), fresh(rows))
+    for i, r in enumerate(rows):
+        if r.params.greedy or r.params.seed is not None:
+            assert tokens[i] == expected[i], (i, r.params)
+
+
+def test_threshold_path_on_flat_rows_is_exact_without_the_full_sort(monkeypatch):
+    """V = 32768, N(0, 1) logits: top_p sets of thousands of tokens, found by the mass histogram and
+    the window, never the fallback sort."""
+    sorts = count_full_sorts(monkeypatch)
+    rng = random.Random(11)
+    rows = wide_rows(rng, 24)
+    logits = torch.randn(24, 32768, generator=torch.Generator().manual_seed(11))
+    assert_like_reference(logits, rows)
+    assert sorts == [], sorts
+
+
+@pytest.mark.parametrize("vocab", [3000, 32768])
+def test_cut_inside_a_run_of_equal_values_follows_the_reference(monkeypatch, vocab):
+    """Each row holds a run of vocab / 8 equal probabilities and its top_p cut falls in the middle of
+    it: which of them are kept is the reference's sort's choice, so those rows take the full sort,
+    and only those."""
+    sorts = count_full_sorts(monkeypatch)
+    rng = random.Random(vocab)
+    g = torch.Generator().manual_seed(vocab)
+    rows = wide_rows(rng, 16)
+    logits = torch.randn(len(rows), vocab, generator=g)
+    for i, r in enumerate(rows):
+        r.params.top_k, r.params.min_p = 0, 0.0
+        copies = torch.randperm(vocab, generator=g)[: vocab // 8]
+        logits[i, copies] = float(logits[i].quantile(rng.uniform(0.3, 0.9)))
+        probs = torch.softmax(logits[i] / r.params.temperature, -1)
+        v = probs[copies[0]]
+        r.params.top_p = float((probs[probs > v].sum() + v * len(copies) / 2) / probs.sum())
+        kept = _filter(logits[i].clone(), r.params)
+        assert 0 < int((kept[copies] > 0).sum()) < len(copies), i  # the run is split by the cut
+    assert_like_reference(logits, rows)
+    assert sorts == [len(rows)] * 2, sorts  # dense_filtered, then sample
+
+
+def test_ties_everywhere_and_forced_fallback_stay_exact(monkeypatch):
+    """Few distinct logits (ties at every cut) on wide rows; then every row forced to the full sort
+    (EXACT_FLOOR at 1.0: no window qualifies): the reference's result either way."""
+    rng = random.Random(12)
+    g = torch.Generator().manual_seed(12)
+    rows = wide_rows(rng, 24)
+    for style in ("ties", "fine_ties"):
+        assert_like_reference(make_logits(style, len(rows), 4096, g), rows)
+    sorts = count_full_sorts(monkeypatch)
+    monkeypatch.setattr(S, "EXACT_FLOOR", 1.0)
+    logits = make_logits("flat", len(rows), 4096, g)
+    assert_like_reference(logits, rows)
+    assert sorts == [len(rows)] * 2, sorts  # dense_filtered, then sample
+
+
+def test_peaked_rows_with_wide_tails_mix_both_paths(monkeypatch):
+    """Peaked logits at V = 32768, with top_p near 1: the 64 candidates for some rows, `_threshold`
+    for the others (with values down to the tail), all the reference's."""
+    rng = random.Random(13)
+    rows = wide_rows(rng, 32)
+    for r in rows:
+        r.params.top_p = rng.choice([0.9, 0.99, 0.999])
+    assert_like_reference(make_logits("peaked", len(rows), 32768, torch.Generator().manual_seed(13)), rows)
