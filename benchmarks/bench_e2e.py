@@ -97,7 +97,7 @@ def decode_tok_s(batch: int, output_len: int, t_full: float, t_one: float) -> fl
 
 def run(preset: str, batches: list[int], input_len: int, output_len: int, device: str, dtype: str,
         backends: list[str], threads: int | None, repeats: int, with_hf: bool = True,
-        clock_name: str = "wall") -> dict:
+        clock_name: str = "wall", enforce_eager: bool = False) -> dict:
     """The whole comparison (also the GPU suite's end-to-end stage); returns the results dict.
 
     NOTE: every engine is built first and the timings interleave: for each batch, `repeats` rounds
@@ -119,8 +119,11 @@ def run(preset: str, batches: list[int], input_len: int, output_len: int, device
         for model_name, backend in [("elas", b) for b in backends] + [("dense", "dense")]:
             llm = LLM(model=ckpts[model_name], device=device, dtype=dtype, ffn_backend=backend,
                       max_num_seqs=max(batches), max_model_len=input_len + output_len + 8, cpu_threads=threads,
-                      num_kv_blocks=max(batches) * (-(-(input_len + output_len + 8) // 16)) + 1)
-            timers.append(({"engine": "elas-serve", "model": model_name, "ffn_backend": backend},
+                      num_kv_blocks=max(batches) * (-(-(input_len + output_len + 8) // 16)) + 1,
+                      enforce_eager=enforce_eager)
+            # NOTE: timed once the compiled decoder serves (the CPU compiles it in the background)
+            compiled = llm.core.runner.decoder.wait(1800)
+            timers.append(({"engine": "elas-serve", "model": model_name, "ffn_backend": backend, "compiled": compiled},
                            lambda p, n, llm=llm: time_ours(llm, p, n, 1)))
         if with_hf:
             from transformers import LlamaForCausalLM
@@ -166,11 +169,11 @@ def markdown(data: dict) -> str:
              f"engines, {clock_name} time; decode tok/s excludes "
              f"the prefill (a 1-token run's time is subtracted). torch {env['torch']}, commit {env['commit']}, "
              f"{env['date']}.", "",
-             "| engine | model | FFN backend | batch | decode tok/s | / transformers (dense) |",
-             "|---|---|---|---:|---:|---:|"]
+             "| engine | model | FFN backend | compiled | batch | decode tok/s | / transformers (dense) |",
+             "|---|---|---|---|---:|---:|---:|"]
     for r in data["results"]:
         ratio = f"{r['over_transformers']:.2f}x" if "over_transformers" in r else ""
-        lines.append(f"| {r['engine']} | {r['model']} | {r['ffn_backend'] or ''} | {r['batch']} | "
+        lines.append(f"| {r['engine']} | {r['model']} | {r['ffn_backend'] or ''} | {r.get('compiled', '')} | {r['batch']} | "
                      f"{r['decode_tok_s']:.1f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: torch's)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="our engine without torch.compile / CUDA graphs")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time, or the process's CPU time (a shared machine's other load left out)")
     p.add_argument("--out", type=Path, default=DOCS)
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends.split(",") if args.backends else (
         ["dense"] if args.device == "cpu" else ["dense", "sparse24", "fused", "auto"])
     data = run(args.preset, [int(b) for b in args.batch.split(",")], args.input_len, args.output_len, args.device,
-               args.dtype, backends, args.threads, args.repeats, not args.no_transformers, args.clock)
+               args.dtype, backends, args.threads, args.repeats, not args.no_transformers, args.clock, args.enforce_eager)
     data["environment"] = environment(torch.device(args.device))
     path = write_results(f"e2e_{torch.device(args.device).type}_{args.preset}", data, markdown(data), args.out)
     print(markdown(data))
