@@ -77,14 +77,15 @@ _LAUNCH = re.compile(r"^\s+(?:\w+ = )?(?:buf\w* = )?(cpp_fused_\w+|triton_\w+\.r
 
 
 def kernels_per_layer_compiled(core: EngineCore) -> dict:
-    """Kernel launches in a fresh compile's generated code for T = 1 (caches off, so code is made)."""
+    """Kernel launches in a fresh compile's generated code for T = 1 (caches off, so code is made;
+    the Python wrapper, whose calls are parsed here: the engine's C++ one on the CPU calls the same)."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
     runner = core.runner
     ids, positions, meta = warmup_inputs(runner.kv_caches, 1)
     fn = torch.compile(core.model.model, fullgraph=True, dynamic=False)
-    with torch.inference_mode(), forward_context(meta), inductor_config.patch(force_disable_caches=True):
+    with torch.inference_mode(), forward_context(meta), inductor_config.patch(force_disable_caches=True, cpp_wrapper=False):
         _, codes = run_and_get_code(fn, ids, positions, runner.kv_caches)
     calls = Counter()
     for code in codes:

@@ -41,11 +41,14 @@ INDUCTOR_CACHE_DIR = Path.home() / ".cache" / "elas_serve" / "inductor"
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DIR))
 
 
-def configure_inductor() -> None:
+def configure_inductor(cpu: bool) -> None:
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
+    # NOTE: on the CPU a C++ wrapper calls the ~14 kernels per layer: at decode sizes the Python one
+    # costs about as much as the kernels (benchmarks/bench_step.py's forward speedup)
+    inductor_config.cpp_wrapper = cpu
     # NOTE: one graph per FFN-backend bucket (the backend is chosen by T in Python), plus T = 1
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     # NOTE: one compile thread: worker processes would compete with serving for the few CPU cores
@@ -85,7 +88,7 @@ class Decoder:
         if enforce_eager:
             self._done.set()
             return
-        configure_inductor()
+        configure_inductor(cpu=kv_caches[0].device.type == "cpu")
         # NOTE: only the token dimension is dynamic (marked in the warm-up); `dynamic=True` would
         # also make the caches' sizes symbolic, and duck sizing then ties them to T by chance
         self._fn = torch.compile(model.model, fullgraph=True, dynamic=False)
