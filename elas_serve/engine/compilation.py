@@ -51,8 +51,8 @@ def configure_inductor(cpu: bool) -> None:
     inductor_config.cpp_wrapper = cpu
     # NOTE: one graph per FFN-backend bucket (the backend is chosen by T in Python), plus T = 1
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    # NOTE: one compile thread: worker processes would compete with serving for the few CPU cores
-    inductor_config.compile_threads = 1
+    if cpu:  # NOTE: one compile thread: worker processes would compete with serving for the CPU cores
+        inductor_config.compile_threads = 1
 
 
 def warmup_inputs(kv_caches: list[torch.Tensor], num_tokens: int
