@@ -6,16 +6,16 @@ decoder stack (`ElasModel.forward`) through the compiled code once it exists, el
 - Otherwise the stack is compiled whole (`fullgraph=True`): attention is the opaque custom op
   `elas_serve::attention`, which reads its batch description from the forward context, and the
   FFN kernels are custom ops too, so the graph has no breaks and sees only (T,) ids and positions
-  and the caches. The token dimension is dynamic (marked on the warm-up inputs): one graph serves
-  every T >= 2 and, because torch specialises sizes 0 and 1, a second one T = 1. No batch composition or
-  sequence length ever recompiles. Both are compiled by warm-ups over the null block (block 0,
-  which no sequence owns).
+  and the caches. The token dimension is dynamic (marked on the warm-up inputs): one graph per
+  FFN-backend bucket of T >= 2 (one on the CPU) and, as torch specialises size 1, one for T = 1.
+  No batch composition or sequence length ever recompiles. All are compiled by warm-ups over the
+  null block (block 0, which no sequence owns).
 - Inductor's caches are on disk under `~/.cache/elas_serve/inductor` (unless
   `$TORCHINDUCTOR_CACHE_DIR` says otherwise), so a second start reloads the compiled code.
 - On CUDA the warm-ups run at start-up, before the CUDA graphs are captured over the compiled code.
   On the CPU they run on a background thread while the runner serves eagerly (a cold compile takes
   tens of seconds on 2 cores; the server answers meanwhile), and the runner switches over between
-  two steps once both graphs exist. A failed compile is logged and the runner stays eager.
+  two steps once every graph exists. A failed compile is logged and the runner stays eager.
 NOTE: the eager and compiled paths compute the same function; inductor may reorder float sums, so
 logits can differ in the last bits (greedy outputs of the demo model are identical: tests).
 """
@@ -121,13 +121,13 @@ class Decoder:
                     torch._dynamo.mark_dynamic(positions, 0)
                 with forward_context(meta):
                     self._fn(ids, positions, self.kv_caches)
+            self.compile_seconds = time.monotonic() - t0
+            self.compiled = self._fn  # NOTE: before `_done` is set: a waiter then sees it
         except Exception:  # noqa: BLE001 (the eager path serves on)
             log.exception("torch.compile of the decoder failed; serving eagerly")
             return
         finally:
             self._done.set()
-        self.compile_seconds = time.monotonic() - t0
-        self.compiled = self._fn
         log.info("decoder compiled in %.1f s (inductor cache: %s)", self.compile_seconds,
                  os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
 
