@@ -81,14 +81,14 @@ def test_steps_run_eagerly_while_the_background_compile_runs(ckpt, monkeypatch):
 
     def slow_compile(self):
         started.append(time.monotonic())
-        time.sleep(2.0)  # NOTE: serving must not wait for this
+        time.sleep(5.0)  # NOTE: serving must not wait for this
         real(self)
 
     monkeypatch.setattr(compilation.Decoder, "_compile", slow_compile)
     core = make_core(ckpt, enforce_eager=False)
     t0 = time.monotonic()
     tokens = generate(core, prompts(2, seed=2), "b")
-    assert time.monotonic() - t0 < 2.0 and not core.runner.decoder.is_compiled
+    assert time.monotonic() - t0 < 5.0 and not core.runner.decoder.is_compiled
     assert all(len(t) == GREEDY.max_tokens for t in tokens)
     assert core.runner.decoder.wait(600)
 
