@@ -6,8 +6,8 @@
 Cases: `decode` (B sequences, one query each, all of `context` tokens) and `prefill` (one sequence,
 `context` queries over `context` tokens). Timed per case: `triton` (`paged_attention`, the kernel
 alone; the KV-cache store is not included), `ref` (`paged_attention_ref`, the eager path, which
-gathers the blocks of the longest sequence) and, for decode, `ref_graph` (`decode_attention_ref`
-over a block table as wide as --max-model-len: what the CUDA-graph path reads today). Every case
+gathers the blocks of the longest sequence); block tables are as wide as --max-model-len (the kernel
+reads only the blocks each sequence uses, as in the engine's CUDA graphs). Every case
 first checks the kernel against the float32 reference (max abs error). CUDA times: CUDA events,
 L2 flushed before each repeat, median over repeats (`bench_ffn.time_us`), microseconds.
 Writes raw JSON and a markdown table (--out; default docs/benchmarks/attention_<gpu>.json on CUDA,
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=8192, help="block-table width of ref_graph")
+    p.add_argument("--max-model-len", type=int, default=8192, help="block-table width (tokens)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
@@ -75,7 +75,7 @@ def run_case(model: str, shape: tuple[int, int, int], kind: str, batch: int, con
     import torch
     from bench_ffn import time_us
 
-    from elas_serve.kernels.paged_attention import decode_attention_ref, paged_attention_ref
+    from elas_serve.kernels.paged_attention import paged_attention_ref
     from elas_serve.kernels.paged_attention_triton import paged_attention
 
     dtype = getattr(torch, args.dtype)
@@ -90,13 +90,13 @@ def run_case(model: str, shape: tuple[int, int, int], kind: str, batch: int, con
            ).abs().max().item()
     fns = {"triton": lambda: paged_attention(q, cache, tables, starts, lens, scale),
            "ref": lambda: paged_attention_ref(q, cache, tables, query_lens, seq_lens, scale)}
-    if kind == "decode":
-        fns["ref_graph"] = lambda: decode_attention_ref(q, cache, tables, lens, scale)
     base = {"model": model, "heads": shape[0], "kv_heads": shape[1], "head_dim": shape[2], "kind": kind,
             "batch": batch, "context": context, "max_abs_err": err}
     rows = []
     for name, fn in fns.items():
-        row = {**base, "impl": name, **time_us(fn, args.device, args.warmup, args.repeats)}
+        for _ in range(args.warmup):
+            fn()
+        row = {**base, "impl": name, "median_us": time_us(fn, args.device, args.repeats, graph=False)}
         rows.append(row)
         print(f"{model:5s} {kind:7s} B={batch:4d} ctx={context:5d} {name:9s} {row['median_us']:11.1f} us"
               f"  (err {err:.1e})", flush=True)
@@ -108,17 +108,16 @@ def markdown(result: dict) -> str:
     lines = [f"# Paged attention on {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, {result['dtype']}, block size "
              f"{result['block_size']}, commit {env['commit']}, {env['date']}. Median microseconds "
-             "(`triton` is the kernel alone; `ref_graph` reads a block table of max_model_len "
-             f"{result['max_model_len']}).", "",
-             "| model | kind | batch | context | triton | ref | ref_graph | ref / triton | max abs err |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(`triton` is the kernel alone) over block tables of max_model_len "
+             f"{result['max_model_len']}.", "",
+             "| model | kind | batch | context | triton | ref | ref / triton | max abs err |",
+             "|---|---|---|---|---|---|---|---|"]
     cases: dict[tuple, dict] = {}
     for r in result["timings"]:
         cases.setdefault((r["model"], r["kind"], r["batch"], r["context"]), {"err": r["max_abs_err"]})[r["impl"]] = \
             r["median_us"]
     for (model, kind, batch, context), t in cases.items():
-        graph = f"{t['ref_graph']:.1f}" if "ref_graph" in t else "-"
-        lines.append(f"| {model} | {kind} | {batch} | {context} | {t['triton']:.1f} | {t['ref']:.1f} | {graph} | "
+        lines.append(f"| {model} | {kind} | {batch} | {context} | {t['triton']:.1f} | {t['ref']:.1f} | "
                      f"{t['ref'] / t['triton']:.2f} | {t['err']:.1e} |")
     if env["device_type"] == "cpu":
         lines += ["", "CPU: the Triton interpreter; these times say nothing about GPU speed."]

@@ -113,18 +113,6 @@ def _masked_attention(q: torch.Tensor, kv_cache: torch.Tensor, blocks: torch.Ten
     return o.squeeze(2)
 
 
-def decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence: q (B, H, D) against its first `seq_lens[b]` cached tokens.
-
-    Attends over the whole width of `block_tables` (B, W) with a length mask, so shapes depend
-    only on (B, W): no host syncs.
-    """
-    positions = torch.arange(block_tables.shape[1] * kv_cache.shape[2], device=q.device)
-    mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]  # (B, 1, 1, W*bs)
-    return _masked_attention(q, kv_cache, block_tables.flatten(), mask, scale)
-
-
 def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                          ) -> torch.Tensor:
     """q (n, H, D) are the last n of the s keys/values (s, Hkv, D) -> (n, H, D)."""
