@@ -114,8 +114,8 @@ class ElasForCausalLM(nn.Module):
         (`Attention.fuse_qkv`) and, on the CPU, the output weight stored column-major.
 
         NOTE: the output projection is the largest weight (62.5 MB in float32 at the 60m shape) and a
-        decode step reads it whole; a CPU GEMV of `h @ W.T` with a row-major W runs at less than
-        half the bandwidth of one whose W.T is contiguous (8.2 vs 3.5 ms at batch 1, one thread).
+        decode step reads it whole, and a CPU GEMV of `h @ W.T` with a row-major W runs well below
+        the bandwidth of one whose W.T is contiguous.
         """
         for layer in self.model.layers:
             layer.self_attn.fuse_qkv()

@@ -41,7 +41,8 @@ def keep_freed_memory() -> None:
 
     NOTE: by default glibc maps every allocation over ~128 KiB-32 MiB afresh and unmaps it on free,
     so each of a CPU step's multi-MB temporaries costs a page fault per 4 KiB, every step (page
-    faults per step: `benchmarks/bench_step.py`). The price: the process's RSS does not shrink after a peak. No-op where there is no glibc.
+    faults per step: `benchmarks/bench_step.py`). The price: the process's RSS does not shrink
+    after a peak. No-op where there is no glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -76,11 +77,9 @@ class EngineCore:
         device = resolve_device(config.device)
         if device.type == "cpu":
             # NOTE: one core is left to the HTTP server and the tokenizer (another process); a small
-            # model gains little from more threads, and oversubscribed OpenMP threads spin. Measured
-            # on 2 cores shared with other processes (load average 4.4-5, the 60m ELAS and dense
-            # models, bench_e2e's workload, set_num_threads(1 | 2) interleaved, wall time): 2 threads at
-            # 0.17-0.36x the tok/s of 1 thread for ELAS and 0.22-0.89x for dense at batch 1, 8 and 32,
-            # so cpu_count - 1 stays the default; --cpu-threads overrides it on an idle machine.
+            # model gains little from more threads, and oversubscribed OpenMP threads spin (on 2
+            # loaded cores, 2 threads decoded slower than 1 in an uncommitted one-off check), so
+            # cpu_count - 1 stays the default; --cpu-threads overrides it on an idle machine.
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
             keep_freed_memory()
         return cls(load_model(config.model, resolve_dtype(config.dtype, device), device), config)
