@@ -46,8 +46,8 @@ def configure_inductor(cpu: bool) -> None:
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
-    # NOTE: on the CPU a C++ wrapper calls the ~14 kernels per layer: at decode sizes the Python one
-    # costs about as much as the kernels (benchmarks/bench_step.py's forward speedup)
+    # NOTE: on the CPU a C++ wrapper calls the ~14 kernels per layer: at decode sizes the Python
+    # one's per-call overhead is a visible share of the forward
     inductor_config.cpp_wrapper = cpu
     # NOTE: one graph per FFN-backend bucket (the backend is chosen by T in Python), plus T = 1
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
